@@ -1,0 +1,1 @@
+//! pg_baton client (see the client issue).

@@ -1,0 +1,59 @@
+-- define_workflow: store a new version of a workflow definition.
+
+-- Parse an interval text from a definition; a bad one is a 22023 naming the field.
+CREATE FUNCTION _definition_interval(txt text, whose text, field text) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    result interval;
+BEGIN
+    IF txt IS NULL THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        result := txt::interval;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION '%: field "%" is not a valid interval: "%"', whose, field, txt
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF result <= interval '0' THEN
+        RAISE EXCEPTION '%: field "%" must be positive, got "%"', whose, field, txt
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN result;
+END $$;
+
+CREATE FUNCTION define_workflow(name text, definition jsonb) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    normalized jsonb;
+    step jsonb;
+    whose text;
+    initial interval;
+    max interval;
+    new_version integer;
+BEGIN
+    PERFORM baton._require(name, 'name');
+    PERFORM baton._require(definition, 'definition');
+    normalized := baton._normalize_definition(name, definition);
+
+    -- Interval texts are PostgreSQL's to parse.
+    FOR step IN SELECT jsonb_array_elements(normalized -> 'steps') LOOP
+        whose := format('step "%s"', step ->> 'name');
+        PERFORM baton._definition_interval(step ->> 'timeout', whose, 'timeout');
+        initial := baton._definition_interval(step #>> '{backoff,initial}', whose, 'backoff.initial');
+        max := baton._definition_interval(step #>> '{backoff,max}', whose, 'backoff.max');
+        IF initial > max THEN
+            RAISE EXCEPTION '%: field "backoff.initial" (%) is larger than "backoff.max" (%)',
+                whose, initial, max USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+
+    -- Versions are numbered per workflow; the lock makes concurrent definitions
+    -- of one workflow take turns instead of failing on the primary key.
+    PERFORM pg_advisory_xact_lock(1651797603, hashtext(name));
+    SELECT coalesce(max(w.version), 0) + 1 INTO new_version
+      FROM baton.workflows w WHERE w.name = define_workflow.name;
+    INSERT INTO baton.workflows (name, version, definition)
+    VALUES (define_workflow.name, new_version, normalized);
+    RETURN new_version;
+END $$;

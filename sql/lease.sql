@@ -1,0 +1,246 @@
+-- Leases: claim_steps, heartbeat, checkpoint, and reclaiming expired leases.
+
+-- Slots each queue can hand out now: 0 for a paused queue, the free part of its
+-- concurrency limit for a limited one, max_steps otherwise. A limited queue is
+-- counted under an advisory lock held to the end of the claiming transaction,
+-- so two workers cannot both take its last slot. Locks are taken in name order.
+CREATE FUNCTION _queue_slots(queues text[], max_steps integer)
+RETURNS TABLE(queue text, slots integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    q record;
+    running integer;
+BEGIN
+    FOR q IN
+        SELECT n.name, c.concurrency, coalesce(c.paused, false) AS paused
+          FROM (SELECT DISTINCT unnest(queues) AS name) n
+          LEFT JOIN baton.queues c ON c.name = n.name
+         WHERE n.name IS NOT NULL
+         ORDER BY n.name
+    LOOP
+        CONTINUE WHEN q.paused;
+        IF q.concurrency IS NULL THEN
+            queue := q.name; slots := max_steps; RETURN NEXT;
+            CONTINUE;
+        END IF;
+        PERFORM pg_advisory_xact_lock(1651797602, hashtext(q.name));
+        SELECT count(*) INTO running FROM baton.steps s WHERE s.status = 'running' AND s.queue = q.name;
+        IF q.concurrency - running > 0 THEN
+            queue := q.name; slots := least(max_steps, q.concurrency - running); RETURN NEXT;
+        END IF;
+    END LOOP;
+END $$;
+
+-- End the current attempt of a leased step: record it, then retry after the
+-- backoff or, when attempts are used up or the error is final, fail the step
+-- and its run. The caller holds the run lock and the step row.
+-- Returns 'retrying' or 'failed'.
+CREATE FUNCTION _end_attempt(s baton.steps, outcome text, error text, retryable boolean)
+RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    backoff jsonb;
+    initial float8;
+    cap float8;
+    multiplier float8;
+    delay float8;
+BEGIN
+    INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
+    VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome, error);
+
+    IF retryable AND s.attempt < s.max_attempts THEN
+        SELECT d -> 'backoff' INTO backoff
+          FROM baton.runs r
+          JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version,
+               jsonb_array_elements(w.definition -> 'steps') d
+         WHERE r.id = s.run_id AND d ->> 'name' = s.name;
+        initial := extract(epoch FROM (backoff ->> 'initial')::interval);
+        cap := extract(epoch FROM (backoff ->> 'max')::interval);
+        multiplier := (backoff ->> 'multiplier')::float8;
+        -- initial * multiplier^(n-1), capped, computed in logs so it cannot overflow
+        IF multiplier > 1 AND (s.attempt - 1) * ln(multiplier) >= ln(cap / initial) THEN
+            delay := cap;
+        ELSE
+            delay := least(initial * power(multiplier, s.attempt - 1), cap);
+        END IF;
+        delay := delay * (1 + random() * 0.1);  -- up to 10% jitter
+
+        UPDATE baton.steps t
+           SET status = 'ready', run_at = now() + make_interval(secs => delay),
+               worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error
+         WHERE t.run_id = s.run_id AND t.step_id = s.step_id;
+        RETURN 'retrying';
+    END IF;
+
+    UPDATE baton.steps t
+       SET status = 'failed', finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = error
+     WHERE t.run_id = s.run_id AND t.step_id = s.step_id;
+    PERFORM baton._finish_run(s.run_id, 'failed', format('step "%s" failed: %s', s.name, error));
+    RETURN 'failed';
+END $$;
+
+-- Return expired leases (in the given queues, or all when NULL) to ready, each
+-- counted as a lost attempt. Runs busy with another transition are skipped and
+-- left for the next call. Returns how many leases were reclaimed.
+CREATE FUNCTION _reclaim_expired(queues text[], max_steps integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    candidate record;
+    s baton.steps;
+    reclaimed integer := 0;
+BEGIN
+    FOR candidate IN
+        SELECT e.run_id, e.step_id FROM baton.steps e
+         WHERE e.status = 'running' AND e.lease_expires_at < now()
+           AND (queues IS NULL OR e.queue = ANY (queues))
+         LIMIT max_steps
+    LOOP
+        -- run lock first, then the row (the order every multi-row transition uses)
+        CONTINUE WHEN NOT baton._try_lock_run(candidate.run_id);
+        SELECT * INTO s FROM baton.steps e
+         WHERE e.run_id = candidate.run_id AND e.step_id = candidate.step_id
+           AND e.status = 'running' AND e.lease_expires_at < now()
+           FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
+            PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s', s.timeout), true);
+        ELSE
+            PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker), true);
+        END IF;
+        PERFORM baton._notify_ready(s.run_id);
+        reclaimed := reclaimed + 1;
+    END LOOP;
+    RETURN reclaimed;
+END $$;
+
+CREATE FUNCTION claim_steps(
+    worker text,
+    queues text[] DEFAULT ARRAY['default'],
+    max_steps integer DEFAULT 1,
+    lease interval DEFAULT '30 seconds'
+) RETURNS TABLE(
+    step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
+    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    qnames text[];
+    qslots integer[];
+BEGIN
+    IF claim_steps.worker IS NULL OR btrim(claim_steps.worker) = '' THEN
+        RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF claim_steps.queues IS NULL OR cardinality(claim_steps.queues) = 0 THEN
+        RAISE EXCEPTION 'queues must name at least one queue' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF claim_steps.max_steps IS NULL OR claim_steps.max_steps NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'max_steps must be from 1 to 1000, got %', claim_steps.max_steps
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF claim_steps.lease IS NULL OR claim_steps.lease <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be a positive interval, got %', claim_steps.lease
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Correctness never waits for the background worker: take back expired
+    -- leases of these queues before counting slots and claiming.
+    PERFORM baton._reclaim_expired(claim_steps.queues, 100);
+
+    SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
+      FROM baton._queue_slots(claim_steps.queues, claim_steps.max_steps) q;
+    IF qnames IS NULL THEN
+        RETURN;  -- every queue is paused or at its limit
+    END IF;
+
+    RETURN QUERY
+    WITH candidates AS MATERIALIZED (
+        -- per queue: an ordered scan of steps_ready, skipping rows other
+        -- claimers hold; then the best max_steps over all queues
+        SELECT c.run_id, c.step_id
+          FROM unnest(qnames, qslots) AS q(name, slots)
+         CROSS JOIN LATERAL (
+               SELECT r.run_id, r.step_id, r.priority, r.run_at
+                 FROM baton.steps r
+                WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
+                ORDER BY r.priority DESC, r.run_at, r.step_id
+                LIMIT q.slots
+                  FOR UPDATE SKIP LOCKED) c
+         ORDER BY c.priority DESC, c.run_at, c.step_id
+         LIMIT claim_steps.max_steps
+    ), claimed AS (
+        UPDATE baton.steps s
+           SET status = 'running',
+               attempt = s.attempt + 1,
+               worker = claim_steps.worker,
+               lease_token = gen_random_uuid(),
+               lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN claim_steps.lease
+                                               ELSE least(claim_steps.lease, s.timeout) END,
+               started_at = now()
+          FROM candidates c
+         WHERE s.run_id = c.run_id AND s.step_id = c.step_id AND s.status = 'ready'
+        RETURNING s.*
+    ), started AS (
+        UPDATE baton.runs r SET status = 'running', started_at = now()
+         WHERE r.id IN (SELECT DISTINCT run_id FROM claimed) AND r.status = 'pending'
+    )
+    SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
+           coalesce((SELECT jsonb_object_agg(u.name, u.output) FROM baton.steps u
+                      WHERE u.run_id = c.run_id AND u.name = ANY (c.after)), '{}'::jsonb),
+           coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
+                      WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
+           c.lease_expires_at
+      FROM claimed c
+      JOIN baton.runs r ON r.id = c.run_id
+     ORDER BY c.priority DESC, c.run_at, c.step_id;
+END $$;
+
+-- Extend a lease. An attempt's lease never runs past its step's timeout.
+CREATE FUNCTION heartbeat(step_id bigint, lease_token uuid, lease interval DEFAULT '30 seconds')
+RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    expires timestamptz;
+BEGIN
+    IF heartbeat.lease IS NULL OR heartbeat.lease <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be a positive interval, got %', heartbeat.lease
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE baton.steps s
+       SET lease_expires_at = CASE WHEN s.timeout IS NULL THEN now() + heartbeat.lease
+                                   ELSE least(now() + heartbeat.lease, s.started_at + s.timeout) END
+     WHERE s.step_id = heartbeat.step_id AND s.lease_token = heartbeat.lease_token AND s.status = 'running'
+    RETURNING s.lease_expires_at INTO expires;
+    IF NOT FOUND THEN
+        PERFORM baton._lease_lost(heartbeat.step_id);
+    END IF;
+    RETURN expires;
+END $$;
+
+-- Save partial progress; later attempts of the step get it in claim_steps.checkpoints.
+CREATE FUNCTION checkpoint(step_id bigint, lease_token uuid, key text, value jsonb)
+RETURNS void
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    s record;
+BEGIN
+    IF checkpoint.key IS NULL OR checkpoint.key = '' THEN
+        RAISE EXCEPTION 'key must be a non-empty text' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- FOR SHARE: a concurrent reclaim waits until this checkpoint is committed
+    SELECT t.run_id, t.attempt INTO s FROM baton.steps t
+     WHERE t.step_id = checkpoint.step_id AND t.lease_token = checkpoint.lease_token AND t.status = 'running'
+       FOR SHARE;
+    IF NOT FOUND THEN
+        PERFORM baton._lease_lost(checkpoint.step_id);
+    END IF;
+    INSERT INTO baton.checkpoints AS k (run_id, step_id, key, value, attempt)
+    VALUES (s.run_id, checkpoint.step_id, checkpoint.key, checkpoint.value, s.attempt)
+    ON CONFLICT (run_id, step_id, key)
+    DO UPDATE SET value = excluded.value, attempt = excluded.attempt, saved_at = now();
+END $$;

@@ -1,0 +1,113 @@
+-- Runs: enqueue_workflow, cancel_workflow, and finishing a run.
+
+CREATE FUNCTION enqueue_workflow(
+    workflow text,
+    input jsonb DEFAULT '{}',
+    idempotency_key text DEFAULT NULL,
+    queue text DEFAULT NULL,
+    priority integer DEFAULT 0,
+    run_at timestamptz DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    wf baton.workflows;
+    new_id uuid;
+    start_at timestamptz := coalesce(run_at, now());
+BEGIN
+    PERFORM baton._require(workflow, 'workflow');
+    IF queue IS NOT NULL AND btrim(queue) = '' THEN
+        RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF idempotency_key = '' THEN
+        RAISE EXCEPTION 'idempotency_key must not be empty (use NULL for none)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT * INTO wf FROM baton.workflows w
+     WHERE w.name = workflow ORDER BY w.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown workflow "%"', workflow
+            USING ERRCODE = 'undefined_object', HINT = 'Define it first with baton.define_workflow.';
+    END IF;
+
+    -- ON CONFLICT waits for a racing insert of the same key to commit or roll
+    -- back, so two concurrent enqueues with one key create exactly one run.
+    INSERT INTO baton.runs (workflow, version, queue, priority, input, idempotency_key, steps_left)
+    VALUES (workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
+            coalesce(input, '{}'), idempotency_key, jsonb_array_length(wf.definition -> 'steps'))
+    ON CONFLICT DO NOTHING
+    RETURNING id INTO new_id;
+
+    IF new_id IS NULL THEN
+        SELECT r.id INTO new_id FROM baton.runs r
+         WHERE r.workflow = workflow AND r.idempotency_key = idempotency_key;
+        RETURN new_id;
+    END IF;
+
+    INSERT INTO baton.steps (run_id, name, status, after, waiting_on, queue, priority, run_at, max_attempts, timeout)
+    SELECT new_id,
+           s ->> 'name',
+           CASE WHEN jsonb_array_length(s -> 'after') = 0 THEN 'ready' ELSE 'blocked' END,
+           ARRAY(SELECT jsonb_array_elements_text(s -> 'after')),
+           jsonb_array_length(s -> 'after'),
+           coalesce(queue, s ->> 'queue'),
+           coalesce(priority, 0),
+           start_at,
+           (s ->> 'max_attempts')::integer,
+           (s ->> 'timeout')::interval
+      FROM jsonb_array_elements(wf.definition -> 'steps') AS s;
+
+    IF start_at <= now() THEN
+        PERFORM baton._notify_ready(new_id);
+    END IF;
+    RETURN new_id;
+END $$;
+
+-- NOTIFY baton_ready (payload: queue name) for each queue that has ready steps
+-- in this run. Postgres folds identical notifications of one transaction.
+CREATE FUNCTION _notify_ready(run_id uuid) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('baton_ready', q.queue)
+      FROM (SELECT DISTINCT s.queue FROM baton.steps s
+             WHERE s.run_id = _notify_ready.run_id AND s.status = 'ready' AND s.run_at <= now()) q
+$$;
+
+-- End a run as failed or cancelled: every unfinished step is cancelled (a
+-- running one loses its lease, recorded as a cancelled attempt).
+-- The caller holds the run lock (baton._lock_run).
+CREATE FUNCTION _finish_run(run_id uuid, status text, error text) RETURNS void
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+BEGIN
+    INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
+    SELECT s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'cancelled',
+           'run ' || status
+      FROM baton.steps s WHERE s.run_id = run_id AND s.status = 'running';
+
+    UPDATE baton.steps s
+       SET status = 'cancelled', finished_at = now(), lease_token = NULL, lease_expires_at = NULL
+     WHERE s.run_id = run_id AND s.status IN ('blocked', 'ready', 'running');
+
+    UPDATE baton.runs r
+       SET status = status, error = error, finished_at = now()
+     WHERE r.id = run_id;
+END $$;
+
+CREATE FUNCTION cancel_workflow(id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    current text;
+BEGIN
+    PERFORM baton._require(id, 'id');
+    PERFORM baton._lock_run(id);
+    SELECT r.status INTO current FROM baton.runs r WHERE r.id = id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'workflow run % does not exist', id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF current NOT IN ('pending', 'running') THEN
+        RETURN false;  -- already finished: nothing to cancel
+    END IF;
+    PERFORM baton._finish_run(id, 'cancelled', NULL);
+    RETURN true;
+END $$;

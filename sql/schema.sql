@@ -1,0 +1,147 @@
+-- pg_baton schema: definitions, runs, steps, attempts, checkpoints, queues.
+--
+-- Layout rules (see README "Design"):
+--  * every per-run table has the run id first in its primary key, so the schema
+--    can later be distributed by run id;
+--  * claiming only ever reads the partial index of ready steps, so finished
+--    history never slows it down;
+--  * columns that change on every heartbeat (lease_expires_at) are in no index,
+--    so heartbeats are HOT updates; tables updated in place keep free space.
+
+-- Versions of a workflow definition (normalized JSON, see src/definition.rs).
+CREATE TABLE workflows (
+    name        text        NOT NULL,
+    version     integer     NOT NULL,
+    definition  jsonb       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, version)
+);
+
+-- Queue settings. A queue with no row here is open and unlimited.
+CREATE TABLE queues (
+    name         text        PRIMARY KEY,
+    concurrency  integer     CHECK (concurrency IS NULL OR concurrency >= 0),
+    paused       boolean     NOT NULL DEFAULT false,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE runs (
+    id               uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    workflow         text        NOT NULL,
+    version          integer     NOT NULL,
+    status           text        NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')),
+    queue            text        NOT NULL,
+    priority         integer     NOT NULL DEFAULT 0,
+    input            jsonb       NOT NULL DEFAULT '{}',
+    output           jsonb,
+    error            text,
+    idempotency_key  text,
+    -- steps not yet succeeded; the run succeeds when it reaches 0
+    steps_left       integer     NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
+) WITH (fillfactor = 80);
+
+-- Idempotent enqueue: one run per (workflow, key), also under racing inserts.
+CREATE UNIQUE INDEX runs_idempotency_key ON runs (workflow, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX runs_created_at ON runs (created_at);
+
+CREATE TABLE steps (
+    run_id            uuid        NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    step_id           bigint      GENERATED ALWAYS AS IDENTITY,
+    name              text        NOT NULL,
+    status            text        NOT NULL
+                      CHECK (status IN ('blocked', 'ready', 'running', 'succeeded', 'failed', 'cancelled')),
+    after             text[]      NOT NULL DEFAULT '{}',
+    -- upstream steps not yet succeeded; the step becomes ready at 0
+    waiting_on        integer     NOT NULL DEFAULT 0,
+    queue             text        NOT NULL,
+    priority          integer     NOT NULL DEFAULT 0,
+    -- a ready step may be claimed once run_at has passed (delayed start, backoff)
+    run_at            timestamptz NOT NULL DEFAULT now(),
+    attempt           integer     NOT NULL DEFAULT 0,
+    max_attempts      integer     NOT NULL,
+    timeout           interval,
+    worker            text,
+    lease_token       uuid,
+    lease_expires_at  timestamptz,
+    output            jsonb,
+    error             text,
+    started_at        timestamptz,
+    finished_at       timestamptz,
+    PRIMARY KEY (run_id, step_id)
+) WITH (fillfactor = 70);
+
+-- Lookups by step id (the protocol's handle). Not unique on purpose: the
+-- identity already guarantees it, and a unique index without run_id would have
+-- to go when the table is distributed by run id.
+CREATE INDEX steps_step_id ON steps (step_id);
+-- The claim path: runnable steps per queue, highest priority first, then oldest.
+CREATE INDEX steps_ready ON steps (queue, priority DESC, run_at, step_id) WHERE status = 'ready';
+-- Delayed steps coming due (the background worker's wake-up scan).
+CREATE INDEX steps_due ON steps (run_at) WHERE status = 'ready';
+-- Leased steps per queue: concurrency limits and lease reclaim. lease_expires_at
+-- is deliberately not indexed so that heartbeats stay HOT.
+CREATE INDEX steps_running ON steps (queue) WHERE status = 'running';
+
+ALTER TABLE steps SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE runs SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+
+-- Append-only history: one row per finished attempt, written once.
+CREATE TABLE attempts (
+    run_id       uuid        NOT NULL,
+    step_id      bigint      NOT NULL,
+    attempt      integer     NOT NULL,
+    step         text        NOT NULL,
+    worker       text,
+    started_at   timestamptz,
+    finished_at  timestamptz NOT NULL DEFAULT now(),
+    outcome      text        NOT NULL
+                 CHECK (outcome IN ('succeeded', 'failed', 'lease_expired', 'timed_out', 'cancelled')),
+    error        text,
+    PRIMARY KEY (run_id, step_id, attempt),
+    FOREIGN KEY (run_id) REFERENCES runs (id) ON DELETE CASCADE
+);
+
+-- Partial progress of a step, handed to its later attempts.
+CREATE TABLE checkpoints (
+    run_id    uuid        NOT NULL,
+    step_id   bigint      NOT NULL,
+    key       text        NOT NULL,
+    value     jsonb,
+    attempt   integer     NOT NULL,
+    saved_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, step_id, key),
+    FOREIGN KEY (run_id) REFERENCES runs (id) ON DELETE CASCADE
+);
+
+-- Lock classes for pg_advisory_xact_lock(class, key): per run (serializes the
+-- transitions that touch several rows of one run) and per limited queue.
+CREATE FUNCTION _lock_run(run_id uuid) RETURNS void
+LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock(1651797601, uuid_hash(run_id)) $$;
+
+CREATE FUNCTION _try_lock_run(run_id uuid) RETURNS boolean
+LANGUAGE sql AS $$ SELECT pg_try_advisory_xact_lock(1651797601, uuid_hash(run_id)) $$;
+
+-- Raised when a lease is no longer held: expired and reclaimed, finished, or a
+-- wrong token. SQLSTATE BT001 ("lease lost"); see README.
+CREATE FUNCTION _lease_lost(step_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'lease lost: step % is not running under this lease_token', step_id
+        USING ERRCODE = 'BT001',
+              HINT = 'The lease expired and was reclaimed, the step already finished, or the token is wrong. Roll back this step''s work.';
+END $$;
+
+-- Argument checks shared by the protocol functions: NULLs get 22004, naming the field.
+CREATE FUNCTION _require(value anyelement, field text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION '% must not be null', field USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+END $$;

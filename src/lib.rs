@@ -1,0 +1,38 @@
+//! pg_baton: durable workflows that live inside PostgreSQL.
+//!
+//! The SQL protocol (tables, claim/complete, retries) lives in `sql/*.sql` and is
+//! installed by `CREATE EXTENSION pg_baton`. Rust does what reads better in Rust:
+//! validating workflow definitions (`definition`) and the background worker that
+//! keeps time (`worker`, configured by `settings`).
+
+use pgrx::prelude::*;
+
+mod definition;
+mod settings;
+mod worker;
+
+::pgrx::pg_module_magic!();
+
+// The SQL files, in dependency order. Each one is a single concern; see README.
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../sql/define.sql",
+    name = "define",
+    requires = ["schema", definition::normalize_definition]
+);
+extension_sql_file!("../sql/run.sql", name = "run", requires = ["define"]);
+extension_sql_file!("../sql/lease.sql", name = "lease", requires = ["run"]);
+extension_sql_file!(
+    "../sql/complete.sql",
+    name = "complete",
+    requires = ["lease"]
+);
+extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["complete"]);
+extension_sql_file!("../sql/tick.sql", name = "tick", requires = ["queue"]);
+extension_sql_file!("../sql/views.sql", name = "views", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register();
+    worker::register();
+}
