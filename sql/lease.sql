@@ -34,14 +34,15 @@ END $$;
 
 -- End the current attempt of a leased step: record it, then retry after the
 -- backoff or, when attempts are used up or the error is final, fail the step
--- and its run. The caller holds the run lock and the step row.
--- Returns 'retrying' or 'failed'.
-CREATE FUNCTION _end_attempt(s baton.steps, outcome text, error text, retryable boolean)
+-- and its run. A lost lease (backoff => false) is retried at once: the worker
+-- went away, the step did not fail. The caller holds the run lock and the step
+-- row. Returns 'retrying' or 'failed'.
+CREATE FUNCTION _end_attempt(s baton.steps, outcome text, error text, retryable boolean, backoff boolean DEFAULT true)
 RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 DECLARE
-    backoff jsonb;
+    policy jsonb;
     initial float8;
     cap float8;
     multiplier float8;
@@ -51,21 +52,23 @@ BEGIN
     VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome, error);
 
     IF retryable AND s.attempt < s.max_attempts THEN
-        SELECT d -> 'backoff' INTO backoff
+        SELECT d -> 'backoff' INTO policy
           FROM baton.runs r
           JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version,
                jsonb_array_elements(w.definition -> 'steps') d
          WHERE r.id = s.run_id AND d ->> 'name' = s.name;
-        initial := extract(epoch FROM (backoff ->> 'initial')::interval);
-        cap := extract(epoch FROM (backoff ->> 'max')::interval);
-        multiplier := (backoff ->> 'multiplier')::float8;
+        initial := extract(epoch FROM (policy ->> 'initial')::interval);
+        cap := extract(epoch FROM (policy ->> 'max')::interval);
+        multiplier := (policy ->> 'multiplier')::float8;
         -- initial * multiplier^(n-1), capped, computed in logs so it cannot overflow
-        IF multiplier > 1 AND (s.attempt - 1) * ln(multiplier) >= ln(cap / initial) THEN
+        IF NOT backoff THEN
+            delay := 0;
+        ELSIF multiplier > 1 AND (s.attempt - 1) * ln(multiplier) >= ln(cap / initial) THEN
             delay := cap;
         ELSE
             delay := least(initial * power(multiplier, s.attempt - 1), cap);
         END IF;
-        delay := delay * (1 + random() * 0.1);  -- up to 10% jitter
+        delay := delay * (1 + random() * 0.1);  -- up to 10% jitter; 0 stays 0
 
         UPDATE baton.steps t
            SET status = 'ready', run_at = now() + make_interval(secs => delay),
@@ -106,9 +109,9 @@ BEGIN
            FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
-            PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s', s.timeout), true);
+            PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s', s.timeout), true, false);
         ELSE
-            PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker), true);
+            PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker), true, false);
         END IF;
         PERFORM baton._notify_ready(s.run_id);
         reclaimed := reclaimed + 1;

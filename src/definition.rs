@@ -195,16 +195,17 @@ fn normalize_step(
         }
         Some(_) => return Err(format!("{whose}: field \"queue\" must be a string")),
     };
-    let max_attempts =
-        match s.get("max_attempts") {
-            None | Some(Value::Null) => 3,
-            Some(v) => match v.as_i64() {
-                Some(n) if (1..=MAX_ATTEMPTS).contains(&n) => n,
-                _ => return Err(format!(
+    let max_attempts = match s.get("max_attempts") {
+        None | Some(Value::Null) => 3,
+        Some(v) => match v.as_i64() {
+            Some(n) if (1..=MAX_ATTEMPTS).contains(&n) => n,
+            _ => {
+                return Err(format!(
                     "{whose}: field \"max_attempts\" must be an integer from 1 to {MAX_ATTEMPTS}"
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     let timeout = match s.get("timeout") {
         None | Some(Value::Null) => Value::Null,
         Some(Value::String(t)) => Value::String(t.clone()),

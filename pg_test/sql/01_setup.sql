@@ -1,0 +1,54 @@
+-- Setup for the pg_baton regression suite. run.sh creates a fresh database for
+-- every run, so the extension is created here and every later test relies on it.
+CREATE EXTENSION pg_baton;
+
+-- The extension lives in its own schema, with the objects the protocol promises.
+SELECT extname, extnamespace::regnamespace AS schema, extrelocatable
+  FROM pg_extension WHERE extname = 'pg_baton';
+
+SELECT p.proname, pg_get_function_result(p.oid) AS returns
+  FROM pg_proc p
+ WHERE p.pronamespace = 'baton'::regnamespace AND p.proname !~ '^_'
+ ORDER BY p.proname;
+
+SELECT c.relname, c.relkind
+  FROM pg_class c
+ WHERE c.relnamespace = 'baton'::regnamespace AND c.relkind IN ('r', 'v')
+ ORDER BY c.relname;
+
+-- Helpers shared by the following tests (they live in public, so every test
+-- session of this database sees them).
+--
+-- sqlstate_of(sql): run one statement and report how it ended: 'ok', or
+-- "SQLSTATE: message". The statement runs in a subtransaction, so a failing one
+-- leaves nothing behind. Uuids in messages are masked, and so are the step ids
+-- in "lease lost" (BT001) messages, so that expected output does not depend on
+-- how many steps earlier tests created.
+CREATE FUNCTION public.sqlstate_of(sql text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    msg text;
+BEGIN
+    EXECUTE sql;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    msg := regexp_replace(SQLERRM,
+        '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
+    IF SQLSTATE = 'BT001' THEN
+        msg := regexp_replace(msg, 'step \d+', 'step N', 'g');
+    END IF;
+    RETURN SQLSTATE || ': ' || msg;
+END $$;
+
+SELECT sqlstate_of('SELECT 1');
+SELECT sqlstate_of('SELECT 1/0');
+
+-- cancel_unfinished_runs(): cancel every pending or running run; tests call
+-- it at their end so that nothing they leave leased can expire under a later
+-- test. Returns true (the count of cancelled runs depends on the test).
+CREATE FUNCTION public.cancel_unfinished_runs() RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT count(baton.cancel_workflow(r.id)) >= 0
+      FROM baton.runs r WHERE r.status IN ('pending', 'running')
+$$;
+SELECT cancel_unfinished_runs();
