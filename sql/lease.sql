@@ -247,3 +247,24 @@ BEGIN
     ON CONFLICT (run_id, step_id, key)
     DO UPDATE SET value = excluded.value, attempt = excluded.attempt, saved_at = now();
 END $$;
+
+-- Hand a leased step back without counting the attempt (a worker shutting
+-- down): it is ready again at once for any worker.
+CREATE FUNCTION release_step(step_id bigint, lease_token uuid)
+RETURNS void
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    run uuid;
+BEGIN
+    UPDATE baton.steps s
+       SET status = 'ready', attempt = s.attempt - 1, run_at = now(),
+           worker = NULL, lease_token = NULL, lease_expires_at = NULL
+     WHERE s.step_id = release_step.step_id AND s.lease_token = release_step.lease_token
+       AND s.status = 'running'
+    RETURNING s.run_id INTO run;
+    IF NOT FOUND THEN
+        PERFORM baton._lease_lost(release_step.step_id);
+    END IF;
+    PERFORM baton._notify_ready(run);
+END $$;

@@ -21,14 +21,17 @@ SELECT name, status, after, waiting_on, queue, priority, attempt, max_attempts,
   FROM baton.steps WHERE run_id = :'run1' ORDER BY step_id;
 
 -- input defaults to {} (and NULL input is stored as {}).
-SELECT input FROM baton.runs WHERE id = baton.enqueue_workflow('eq_other');
-SELECT input FROM baton.runs WHERE id = baton.enqueue_workflow('eq_other', NULL);
+SELECT baton.enqueue_workflow('eq_other') AS r \gset
+SELECT input FROM baton.runs WHERE id = :'r';
+SELECT baton.enqueue_workflow('eq_other', NULL) AS r \gset
+SELECT input FROM baton.runs WHERE id = :'r';
 
 -- A run uses the newest version of its workflow.
 SELECT baton.define_workflow('eq_other', '{"queue": "eq_main", "steps": [{"name": "x"}, {"name": "y", "after": ["x"]}]}');
+SELECT baton.enqueue_workflow('eq_other', '{"v": 2}') AS r \gset
 SELECT r.version, count(s.*) AS steps
   FROM baton.runs r JOIN baton.steps s ON s.run_id = r.id
- WHERE r.id = baton.enqueue_workflow('eq_other', '{"v": 2}')
+ WHERE r.id = :'r'
  GROUP BY r.version;
 
 -- Unknown workflow: 42704. NULL workflow: 22004. Empty queue / key: 22023.

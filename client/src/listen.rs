@@ -1,0 +1,76 @@
+//! The worker's wake-up line: a dedicated connection that LISTENs on
+//! `baton_ready` and wakes the claim loop when one of its queues has work.
+//! It reconnects on failure; meanwhile the worker's polling covers.
+
+use futures_util::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tracing::{debug, warn};
+
+pub(crate) struct Listener {
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    pub(crate) fn start(
+        config: tokio_postgres::Config,
+        queues: Vec<String>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let task = tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match listen(&config, &queues, &wake).await {
+                    Ok(()) => pause = Duration::from_millis(100),
+                    Err(e) => {
+                        warn!(error = %e, "LISTEN connection failed; polling until it is back")
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
+        Listener { task }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn listen(
+    config: &tokio_postgres::Config,
+    queues: &[String],
+    wake: &Notify,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut conn) = config.connect(NoTls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        while let Some(msg) = poll_fn(|cx| conn.poll_message(cx)).await {
+            match msg {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client.batch_execute("LISTEN baton_ready").await?;
+    debug!("listening on baton_ready");
+    // Anything may have become ready while we were not listening.
+    wake.notify_one();
+    while let Some(queue) = rx.recv().await {
+        if queues.iter().any(|q| *q == queue) {
+            wake.notify_one();
+        }
+    }
+    drop(client);
+    driver.await.unwrap_or(Ok(()))
+}

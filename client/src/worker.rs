@@ -1,0 +1,381 @@
+//! `Worker`: claims steps of its queues, runs their handlers, heartbeats the
+//! leases, reports back, and shuts down gracefully.
+//!
+//! One loop claims in batches up to the free concurrency, each claimed step
+//! runs in its own task. The loop wakes on `NOTIFY baton_ready` for its queues
+//! (a dedicated LISTEN connection), when a step finishes, and every
+//! `poll_interval` as a fallback.
+
+use crate::client::Client;
+use crate::context::{StepContext, StepError};
+use crate::error::{Error, Result};
+use crate::listen::Listener;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info_span, warn, Instrument};
+use uuid::Uuid;
+
+type Handler = Arc<
+    dyn Fn(StepContext) -> BoxFuture<'static, Result<serde_json::Value, StepError>> + Send + Sync,
+>;
+
+pub struct WorkerBuilder {
+    client: Client,
+    name: String,
+    queues: Vec<String>,
+    concurrency: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    shutdown_grace: Duration,
+    handlers: HashMap<(String, String), Handler>,
+}
+
+impl WorkerBuilder {
+    /// Queues to claim from (default: `default`).
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.queues = queues.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Most steps run at once (default 8).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+    /// Lease per claim; heartbeats renew it every third of it (default 30 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(100));
+        self
+    }
+    /// Fallback polling when no notification comes (default 5 s).
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
+        self
+    }
+    /// How long shutdown waits for running steps before handing them back (default 30 s).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Register the handler of step `step` of workflow `workflow`.
+    pub fn handler<F, Fut, O>(mut self, workflow: &str, step: &str, f: F) -> Self
+    where
+        F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+        O: Serialize + 'static,
+    {
+        let f = Arc::new(f);
+        let handler: Handler = Arc::new(move |ctx| {
+            let f = f.clone();
+            async move {
+                let out = f(ctx).await?;
+                serde_json::to_value(out)
+                    .map_err(|e| StepError::fatal(format!("output does not serialize: {e}")))
+            }
+            .boxed()
+        });
+        self.handlers
+            .insert((workflow.to_string(), step.to_string()), handler);
+        self
+    }
+    pub fn build(self) -> Worker {
+        Worker {
+            inner: Arc::new(self),
+        }
+    }
+}
+
+pub struct Worker {
+    inner: Arc<WorkerBuilder>,
+}
+
+/// A step this worker holds: what shutdown hands back if its handler is cut off.
+type Leases = Arc<Mutex<HashMap<i64, Uuid>>>;
+
+impl Worker {
+    pub fn builder(client: &Client) -> WorkerBuilder {
+        WorkerBuilder {
+            client: client.clone(),
+            name: format!("{}-{}", hostname(), std::process::id()),
+            queues: vec!["default".to_string()],
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+            handlers: HashMap::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Run until SIGINT or SIGTERM.
+    pub async fn run(self) -> Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Run until `shutdown` resolves. Then: stop claiming, let running steps
+    /// finish for up to `shutdown_grace`, and hand back those still running so
+    /// another worker can claim them at once.
+    pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<()> {
+        let w = self.inner.clone();
+        let wake = Arc::new(Notify::new());
+        let _listener = match w.client.listen_config() {
+            Some(config) => Some(Listener::start(
+                config.clone(),
+                w.queues.clone(),
+                wake.clone(),
+            )),
+            None => None,
+        };
+        let permits = Arc::new(Semaphore::new(w.concurrency));
+        let leases: Leases = Arc::new(Mutex::new(HashMap::new()));
+        let mut running = JoinSet::new();
+        tokio::pin!(shutdown);
+        debug!(worker = %w.name, queues = ?w.queues, "worker started");
+
+        loop {
+            // Claim as long as there is room and work.
+            while permits.available_permits() > 0 {
+                let want = permits.available_permits();
+                let steps = match claim(&w, want).await {
+                    Ok(steps) => steps,
+                    Err(e) => {
+                        warn!(worker = %w.name, error = %e, "claim failed; retrying after the poll interval");
+                        break;
+                    }
+                };
+                let got = steps.len();
+                for ctx in steps {
+                    let permit = permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closes");
+                    leases
+                        .lock()
+                        .expect("leases")
+                        .insert(ctx.step_id, ctx.lease_token);
+                    let (w, leases) = (w.clone(), leases.clone());
+                    running.spawn(async move {
+                        let step_id = ctx.step_id;
+                        run_step(&w, ctx).await;
+                        leases.lock().expect("leases").remove(&step_id);
+                        drop(permit);
+                    });
+                }
+                if got < want {
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = wake.notified() => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = tokio::time::sleep(w.poll_interval) => {}
+            }
+        }
+
+        // Graceful shutdown.
+        debug!(worker = %w.name, in_flight = running.len(), "worker stopping");
+        let drained = tokio::time::timeout(w.shutdown_grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+            let held: Vec<(i64, Uuid)> = leases.lock().expect("leases").drain().collect();
+            let conn = w.client.pool().get().await?;
+            for (step_id, token) in held {
+                match conn
+                    .execute("SELECT baton.release_step($1, $2)", &[&step_id, &token])
+                    .await
+                {
+                    Ok(_) => debug!(step_id, "handed back on shutdown"),
+                    Err(e) => warn!(step_id, error = %Error::from(e), "could not hand back step"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn claim(w: &WorkerBuilder, max: usize) -> Result<Vec<StepContext>> {
+    let span = info_span!("baton.claim", worker = %w.name, max, claimed = tracing::field::Empty);
+    async {
+        let conn = w.client.pool().get().await?;
+        let lease = w.lease.as_secs_f64();
+        let rows = conn
+            .query(
+                "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
+                 FROM baton.claim_steps($1, $2, $3, make_interval(secs => $4))",
+                &[&w.name, &w.queues, &(max as i32), &lease],
+            )
+            .await?;
+        tracing::Span::current().record("claimed", rows.len());
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                StepContext::new(
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                    r.get(7),
+                    r.get(8),
+                    w.client.clone(),
+                )
+            })
+            .collect())
+    }
+    .instrument(span)
+    .await
+}
+
+enum Outcome {
+    Done(Result<serde_json::Value, StepError>),
+    LeaseLost,
+}
+
+/// One attempt: the handler races the heartbeat loop, which only ends if the
+/// lease is lost (then the handler is dropped: its work is no longer ours).
+async fn run_step(w: &WorkerBuilder, ctx: StepContext) {
+    let span = info_span!(
+        "baton.step",
+        workflow = %ctx.workflow, step = %ctx.step, run_id = %ctx.run_id, attempt = ctx.attempt, step_id = ctx.step_id
+    );
+    async {
+        let (step_id, token) = (ctx.step_id, ctx.lease_token);
+        let completed = ctx.completed_flag();
+        let handler = w.handlers.get(&(ctx.workflow.clone(), ctx.step.clone())).cloned();
+        let outcome = match handler {
+            None => Outcome::Done(Err(StepError::retryable(format!(
+                "worker {} has no handler for {}.{}",
+                w.name, ctx.workflow, ctx.step
+            )))),
+            Some(handler) => {
+                let work = AssertUnwindSafe(handler(ctx)).catch_unwind();
+                tokio::select! {
+                    result = work => Outcome::Done(result.unwrap_or_else(|panic| {
+                        Err(StepError::retryable(format!("handler panicked: {}", panic_message(&panic))))
+                    })),
+                    _ = keep_alive(w, step_id, token) => Outcome::LeaseLost,
+                }
+            }
+        };
+        let report = match outcome {
+            Outcome::LeaseLost => {
+                warn!("lease lost while the step ran; its result is discarded");
+                return;
+            }
+            Outcome::Done(Ok(_)) if completed.load(Ordering::SeqCst) => return,
+            Outcome::Done(Ok(output)) => report(w, "SELECT baton.complete_step($1, $2, $3::text::jsonb)", step_id, token, output.to_string(), None).await,
+            Outcome::Done(Err(e)) => {
+                debug!(error = %e.message, retryable = e.retryable, "step failed");
+                report(w, "SELECT baton.fail_step($1, $2, $3, $4)", step_id, token, e.message, Some(e.retryable)).await
+            }
+        };
+        match report {
+            Ok(()) => {}
+            Err(e) if e.is_lease_lost() => warn!("lease lost before the result was recorded; it is discarded"),
+            Err(e) => warn!(error = %e, "could not record the step's result; the lease will expire and the step run again"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn report(
+    w: &WorkerBuilder,
+    sql: &str,
+    step_id: i64,
+    token: Uuid,
+    text: String,
+    retryable: Option<bool>,
+) -> Result<()> {
+    let conn = w.client.pool().get().await?;
+    match retryable {
+        None => conn.query_one(sql, &[&step_id, &token, &text]).await?,
+        Some(r) => conn.query_one(sql, &[&step_id, &token, &text, &r]).await?,
+    };
+    Ok(())
+}
+
+/// Renew the lease every third of it. Returns only when the lease is lost, or
+/// when heartbeats kept failing until it must have expired.
+async fn keep_alive(w: &WorkerBuilder, step_id: i64, token: Uuid) {
+    let every = w.lease / 3;
+    let lease = w.lease.as_secs_f64();
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let beat = async {
+            let conn = w.client.pool().get().await?;
+            conn.query_one(
+                "SELECT baton.heartbeat($1, $2, make_interval(secs => $3))",
+                &[&step_id, &token, &lease],
+            )
+            .await?;
+            Ok::<_, Error>(())
+        };
+        match beat.await {
+            Ok(()) => last_ok = tokio::time::Instant::now(),
+            Err(e) if e.is_lease_lost() => return,
+            Err(e) => {
+                warn!(error = %e, "heartbeat failed");
+                if last_ok.elapsed() >= w.lease {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".to_string())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

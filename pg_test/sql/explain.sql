@@ -1,0 +1,45 @@
+-- Plans of the hot paths use their indexes on their own (no enable_* crutches),
+-- once the table holds a realistic mix: mostly finished history, some ready work.
+
+SELECT baton.define_workflow('ex_flow', $${"steps": [
+    {"name": "a"}, {"name": "b", "after": ["a"]}, {"name": "c", "after": ["b"]}, {"name": "d", "after": ["c"]}]}$$);
+-- 600 runs of 4 steps; 500 of them finished (2000 succeeded steps), 100 with a
+-- ready first step and 3 blocked ones.
+SELECT count(baton.enqueue_workflow('ex_flow', jsonb_build_object('i', i))) FROM generate_series(1, 600) i;
+UPDATE baton.steps s SET status = 'succeeded', attempt = 1, finished_at = now(), waiting_on = 0
+  FROM baton.runs r
+ WHERE r.id = s.run_id AND r.workflow = 'ex_flow' AND (r.input ->> 'i')::int <= 500;
+UPDATE baton.runs SET status = 'succeeded', steps_left = 0, finished_at = now()
+ WHERE workflow = 'ex_flow' AND (input ->> 'i')::int <= 500;
+SELECT s.status, count(*) FROM baton.steps s JOIN baton.runs r ON r.id = s.run_id
+ WHERE r.workflow = 'ex_flow' GROUP BY s.status ORDER BY s.status;
+ANALYZE baton.steps;
+ANALYZE baton.runs;
+
+-- The claim query's shape: an ordered scan of the partial index steps_ready,
+-- no sort, no scan of finished steps.
+EXPLAIN (COSTS OFF)
+SELECT step_id FROM baton.steps
+ WHERE status = 'ready' AND queue = 'default' AND run_at <= now()
+ ORDER BY priority DESC, run_at, step_id
+ LIMIT 10 FOR UPDATE SKIP LOCKED;
+
+-- Looking a step up by its id (complete_step, fail_step, heartbeat, checkpoint).
+EXPLAIN (COSTS OFF)
+SELECT run_id FROM baton.steps WHERE step_id = 5;
+
+-- Updating a step by run and step id uses the primary key.
+EXPLAIN (COSTS OFF)
+UPDATE baton.steps SET output = '{}'
+ WHERE run_id = '00000000-0000-0000-0000-000000000001' AND step_id = 5;
+
+-- And so does complete_step's full predicate.
+EXPLAIN (COSTS OFF)
+UPDATE baton.steps SET status = 'succeeded'
+ WHERE run_id = '00000000-0000-0000-0000-000000000001' AND step_id = 5
+   AND lease_token = '00000000-0000-0000-0000-000000000002' AND status = 'running';
+
+-- The claim itself still works on this data: the oldest ready steps first.
+SELECT step, input FROM baton.claim_steps('ex', max_steps => 3);
+
+SELECT cancel_unfinished_runs();
