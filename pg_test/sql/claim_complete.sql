@@ -85,6 +85,10 @@ SELECT sqlstate_of(format('SELECT baton.complete_step(%s, %L)', step_id, lease_t
   FROM join_claim;
 SELECT sqlstate_of(format('SELECT baton.fail_step(%s, %L, %L)', step_id, lease_token, 'late')) AS fail_after_complete
   FROM join_claim;
+SELECT sqlstate_of(format('SELECT baton.heartbeat(%s, %L)', step_id, lease_token)) AS heartbeat_after_complete
+  FROM join_claim;
+SELECT sqlstate_of(format('SELECT baton.checkpoint(%s, %L, %L, %L)', step_id, lease_token, 'k', '1')) AS checkpoint_after_complete
+  FROM join_claim;
 SELECT sqlstate_of('SELECT baton.complete_step(999999999, gen_random_uuid())') AS unknown_step;
 SELECT sqlstate_of('SELECT baton.complete_step(NULL, gen_random_uuid())') AS null_step;
 SELECT baton.enqueue_workflow('cc_dag') AS run2 \gset

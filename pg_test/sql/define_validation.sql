@@ -47,11 +47,23 @@ SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name":
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": "a"}], "queue": 5}')$$) AS queue_not_string;
 SELECT sqlstate_of($$SELECT baton.define_workflow('', '{"steps": [{"name": "a"}]}')$$) AS empty_workflow_name;
 
+SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', 'null')$$) AS json_null;
+SELECT sqlstate_of(format('SELECT baton.define_workflow(%L, %L)', repeat('w', 201), '{"steps": [{"name": "a"}]}')) AS long_workflow_name;
+-- At most 1000 steps.
+SELECT sqlstate_of(format('SELECT baton.define_workflow(%L, %L)', 'dv_bad',
+       jsonb_build_object('steps', (SELECT jsonb_agg(jsonb_build_object('name', 's' || i)) FROM generate_series(1, 1001) i))))
+       AS too_many_steps;
+SELECT baton.define_workflow('dv_big',
+       jsonb_build_object('steps', (SELECT jsonb_agg(jsonb_build_object('name', 's' || i)) FROM generate_series(1, 1000) i)))
+       AS thousand_steps_ok;
+
 -- Step names: required, strings, unique.
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": ["a"]}')$$) AS step_not_object;
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"after": []}]}')$$) AS missing_name;
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": 5}]}')$$) AS non_string_name;
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": ""}]}')$$) AS empty_name;
+SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": " a"}]}')$$) AS padded_name;
+SELECT sqlstate_of(format('SELECT baton.define_workflow(%L, %L)', 'dv_bad', jsonb_build_object('steps', jsonb_build_array(jsonb_build_object('name', repeat('s', 201)))))) AS long_name;
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": "a"}, {"name": "b"}, {"name": "a"}]}')$$) AS duplicate_name;
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": "a", "retries": 2}]}')$$) AS unknown_step_key;
 

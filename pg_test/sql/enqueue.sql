@@ -82,6 +82,12 @@ SELECT (SELECT priority FROM baton.runs WHERE id = :'pr') AS run_priority,
        array_agg(DISTINCT priority) AS step_priorities
   FROM baton.steps WHERE run_id = :'pr';
 
+-- NULL priority means 0.
+SELECT baton.enqueue_workflow('eq_flow', priority => NULL) AS pn \gset
+SELECT (SELECT priority FROM baton.runs WHERE id = :'pn') AS run_priority,
+       array_agg(DISTINCT priority) AS step_priorities
+  FROM baton.steps WHERE run_id = :'pn';
+
 -- run_at in the future: steps wait until then.
 SELECT baton.enqueue_workflow('eq_flow', run_at => now() + interval '1 hour') AS later \gset
 SELECT name, status, run_at > now() + interval '59 minutes' AS delayed
