@@ -19,9 +19,15 @@ fn worker(client: &Client, name: &str, crashing: bool) -> Worker {
         .queues([QUEUE])
         .lease(LEASE)
         .poll_interval(Duration::from_millis(250))
-        .handler(WORKFLOW, "prepare", |_ctx| async { Ok(json!({"prepared": true})) })
+        .handler(WORKFLOW, "prepare", |_ctx| async {
+            Ok(json!({"prepared": true}))
+        })
         .handler(WORKFLOW, "long_step", move |ctx| async move {
-            println!("  [{}] long_step attempt {} started", if crashing { "doomed" } else { "rescuer" }, ctx.attempt);
+            println!(
+                "  [{}] long_step attempt {} started",
+                if crashing { "doomed" } else { "rescuer" },
+                ctx.attempt
+            );
             if crashing {
                 tokio::time::sleep(Duration::from_secs(3600)).await; // killed before this ends
             }
@@ -32,7 +38,8 @@ fn worker(client: &Client, name: &str, crashing: bool) -> Worker {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("BATON_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55439/baton_demo".into());
+    let url = std::env::var("BATON_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55439/baton_demo".into());
     let client = Client::connect(&url).await?;
 
     // The child process: a worker that will be killed mid-step.
@@ -49,10 +56,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .step(Step::new("long_step").after(["prepare"])),
         )
         .await?;
-    let run = client.enqueue(WORKFLOW, &json!({}), EnqueueOptions::default()).await?;
+    let run = client
+        .enqueue(WORKFLOW, &json!({}), EnqueueOptions::default())
+        .await?;
     println!("enqueued run {run}");
 
-    let mut child = Command::new(std::env::current_exe()?).arg("--doomed-worker").env("BATON_URL", &url).spawn()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--doomed-worker")
+        .env("BATON_URL", &url)
+        .spawn()?;
     let conn = client.pool().get().await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -66,20 +78,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if running {
             break;
         }
-        assert!(Instant::now() < deadline, "the doomed worker never started long_step");
+        assert!(
+            Instant::now() < deadline,
+            "the doomed worker never started long_step"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child.kill()?; // SIGKILL: no cleanup, no release, the lease just stops being renewed
     child.wait()?;
     let killed_at = Instant::now();
-    println!("killed the worker (pid {}) with SIGKILL in the middle of long_step", child.id());
+    println!(
+        "killed the worker (pid {}) with SIGKILL in the middle of long_step",
+        child.id()
+    );
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let rescuer = tokio::spawn(worker(&client, "rescuer", false).run_until(async {
         let _ = stopped.await;
     }));
     let output: serde_json::Value = client.wait_for(run, Duration::from_secs(60)).await?;
-    println!("run succeeded {:.1} s after the kill (lease {} s): {output}", killed_at.elapsed().as_secs_f64(), LEASE.as_secs());
+    println!(
+        "run succeeded {:.1} s after the kill (lease {} s): {output}",
+        killed_at.elapsed().as_secs_f64(),
+        LEASE.as_secs()
+    );
     for row in conn
         .query(
             "SELECT step, attempt, worker, outcome, coalesce(error, '') FROM baton.step_attempts WHERE workflow_id = $1 ORDER BY finished_at",

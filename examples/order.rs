@@ -18,8 +18,11 @@ struct Order {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
-    let url = std::env::var("BATON_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55439/baton_demo".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let url = std::env::var("BATON_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55439/baton_demo".into());
     let client = Client::connect(&url).await?;
 
     let version = client
@@ -32,9 +35,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Step::new("ship_order")
                         .after(["validate_payment", "check_inventory"])
                         .max_attempts(5)
-                        .backoff(Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(10), multiplier: 2.0 }),
+                        .backoff(Backoff {
+                            initial: Duration::from_millis(200),
+                            max: Duration::from_secs(10),
+                            multiplier: 2.0,
+                        }),
                 )
-                .step(Step::new("notify_customer").after(["ship_order"]).queue("emails")),
+                .step(
+                    Step::new("notify_customer")
+                        .after(["ship_order"])
+                        .queue("emails"),
+                ),
         )
         .await?;
     println!("defined rust_order version {version}");
@@ -70,9 +81,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = stopped.await;
     }));
 
-    let order = Order { order_id: 42, items: vec!["book".into(), "lamp".into()] };
+    let order = Order {
+        order_id: 42,
+        items: vec!["book".into(), "lamp".into()],
+    };
     let key = format!("rust-order-{}", uuid::Uuid::new_v4());
-    let run = client.enqueue("rust_order", &order, EnqueueOptions::default().idempotency_key(key)).await?;
+    let run = client
+        .enqueue(
+            "rust_order",
+            &order,
+            EnqueueOptions::default().idempotency_key(key),
+        )
+        .await?;
     println!("enqueued run {run}");
     let output: serde_json::Value = client.wait_for(run, Duration::from_secs(60)).await?;
     println!("run succeeded with output {output}");
@@ -91,6 +111,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     stop.send(()).ok();
     running.await??;
-    assert_eq!(output["notify_customer"]["email"], "your parcel BTN-0042 is on its way");
+    assert_eq!(
+        output["notify_customer"]["email"],
+        "your parcel BTN-0042 is on its way"
+    );
     Ok(())
 }

@@ -3,7 +3,10 @@
 #
 #   pg_test/run.sh HOST PORT [DBNAME]
 #
-# The server must have the pg_baton extension installed (cargo pgrx install).
+# The server must have the pg_baton extension installed (cargo pgrx install)
+# and contrib's dblink (the concurrency test opens a second session with it).
+# If pg_baton is in shared_preload_libraries, restart the server after
+# reinstalling it: backends keep the library the postmaster loaded.
 # DBNAME (default baton_regress) is dropped and created afresh; the first test
 # creates the extension in it. Results go to pg_test/results/; on failure the
 # differences are printed and the exit status is non-zero.

@@ -10,45 +10,50 @@ LANGUAGE sql STABLE AS $$
     SELECT s.run_id FROM baton.steps s WHERE s.step_id = _run_of.step_id
 $$;
 
-CREATE FUNCTION complete_step(step_id bigint, lease_token uuid, output jsonb DEFAULT NULL)
+-- Complete one leased step; NULL when the lease is not held (nothing changes).
+-- Otherwise returns the run's status after it.
+CREATE FUNCTION _complete(step_id bigint, lease_token uuid, output jsonb)
 RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    run uuid := baton._run_of(complete_step.step_id);
+    run uuid := baton._run_of(_complete.step_id);
     s baton.steps;
     run_status text;
     notified integer;
 BEGIN
-    IF run IS NULL OR complete_step.lease_token IS NULL THEN
-        PERFORM baton._lease_lost(complete_step.step_id);
+    IF run IS NULL OR _complete.lease_token IS NULL THEN
+        RETURN NULL;
     END IF;
     PERFORM baton._lock_run(run);
 
     UPDATE baton.steps t
-       SET status = 'succeeded', output = complete_step.output, finished_at = now(),
+       SET status = 'succeeded', output = _complete.output, finished_at = now(),
            lease_token = NULL, lease_expires_at = NULL, error = NULL
-     WHERE t.run_id = run AND t.step_id = complete_step.step_id
-       AND t.lease_token = complete_step.lease_token AND t.status = 'running'
+     WHERE t.run_id = run AND t.step_id = _complete.step_id
+       AND t.lease_token = _complete.lease_token AND t.status = 'running'
     RETURNING t.* INTO s;
     IF NOT FOUND THEN
-        PERFORM baton._lease_lost(complete_step.step_id);
+        RETURN NULL;
     END IF;
 
     INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
     VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'succeeded');
 
-    -- Downstream steps whose last unfinished upstream this was become ready.
-    WITH unblocked AS (
-        UPDATE baton.steps d
-           SET waiting_on = d.waiting_on - 1,
-               status = CASE WHEN d.waiting_on = 1 THEN 'ready' ELSE 'blocked' END,
-               run_at = greatest(d.run_at, now())
-         WHERE d.run_id = s.run_id AND d.status = 'blocked' AND s.name = ANY (d.after)
-        RETURNING d.queue, d.status)
-    SELECT count(*) INTO notified
-      FROM (SELECT pg_notify('baton_ready', q.queue)
-              FROM (SELECT DISTINCT u.queue FROM unblocked u WHERE u.status = 'ready') q) n;
+    -- Downstream steps whose last unfinished upstream this was become ready
+    -- (primary-key probes by step_no).
+    IF s.downstream <> '{}' THEN
+        WITH unblocked AS (
+            UPDATE baton.steps d
+               SET waiting_on = d.waiting_on - 1,
+                   status = CASE WHEN d.waiting_on = 1 THEN 'ready' ELSE 'blocked' END,
+                   run_at = greatest(d.run_at, now())
+             WHERE d.run_id = s.run_id AND d.step_no = ANY (s.downstream) AND d.status = 'blocked'
+            RETURNING d.queue, d.status)
+        SELECT count(*) INTO notified
+          FROM (SELECT pg_notify('baton_ready', q.queue)
+                  FROM (SELECT DISTINCT u.queue FROM unblocked u WHERE u.status = 'ready') q) n;
+    END IF;
 
     -- The run succeeds with its last step; its output is {leaf step: output}.
     UPDATE baton.runs r
@@ -57,13 +62,74 @@ BEGIN
            finished_at = CASE WHEN r.steps_left = 1 THEN now() END,
            output = CASE WHEN r.steps_left = 1 THEN (
                        SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
-                        WHERE l.run_id = r.id
-                          AND NOT EXISTS (SELECT 1 FROM baton.steps d
-                                           WHERE d.run_id = r.id AND l.name = ANY (d.after)))
+                        WHERE l.run_id = r.id AND l.downstream = '{}')
                     END
      WHERE r.id = s.run_id
     RETURNING r.status INTO run_status;
     RETURN run_status;
+END $$;
+
+CREATE FUNCTION complete_step(step_id bigint, lease_token uuid, output jsonb DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    run_status text := baton._complete(step_id, lease_token, output);
+BEGIN
+    IF run_status IS NULL THEN
+        PERFORM baton._lease_lost(step_id);
+    END IF;
+    RETURN run_status;
+END $$;
+
+-- Complete many steps in one transaction (one commit for all). A step whose
+-- lease is not held is reported as 'lease_lost' and left unchanged; the others
+-- complete. Returns each step's outcome: the run's status, or 'lease_lost'.
+CREATE FUNCTION complete_steps(step_ids bigint[], lease_tokens uuid[], outputs jsonb[] DEFAULT NULL)
+RETURNS TABLE(step_id bigint, status text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    i integer;
+BEGIN
+    IF cardinality(step_ids) IS DISTINCT FROM cardinality(lease_tokens)
+       OR (outputs IS NOT NULL AND cardinality(outputs) <> cardinality(step_ids)) THEN
+        RAISE EXCEPTION 'step_ids, lease_tokens and outputs must have the same length'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(step_ids), 0) LOOP
+        step_id := step_ids[i];
+        status := coalesce(baton._complete(step_ids[i], lease_tokens[i], outputs[i]), 'lease_lost');
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
+-- A worker's whole turn in one round trip and one commit: complete the steps
+-- it finished, then claim up to max_steps more (as claim_steps). Completions
+-- whose lease was lost change nothing and are skipped (a NOTICE names them).
+CREATE FUNCTION complete_and_claim(
+    step_ids bigint[],
+    lease_tokens uuid[],
+    outputs jsonb[],
+    worker text,
+    queues text[] DEFAULT ARRAY['default'],
+    max_steps integer DEFAULT 1,
+    lease interval DEFAULT '30 seconds'
+) RETURNS TABLE(
+    step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
+    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    lost bigint[];
+BEGIN
+    SELECT array_agg(c.step_id) INTO lost
+      FROM baton.complete_steps(step_ids, lease_tokens, outputs) c WHERE c.status = 'lease_lost';
+    IF lost IS NOT NULL THEN
+        RAISE NOTICE 'pg_baton: lease lost, not completed: steps %', lost;
+    END IF;
+    IF max_steps > 0 THEN
+        RETURN QUERY SELECT * FROM baton.claim_steps(worker, queues, max_steps, lease);
+    END IF;
 END $$;
 
 CREATE FUNCTION fail_step(step_id bigint, lease_token uuid, error text, retryable boolean DEFAULT true)

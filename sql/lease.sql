@@ -73,13 +73,13 @@ BEGIN
         UPDATE baton.steps t
            SET status = 'ready', run_at = now() + make_interval(secs => delay),
                worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error
-         WHERE t.run_id = s.run_id AND t.step_id = s.step_id;
+         WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
         RETURN 'retrying';
     END IF;
 
     UPDATE baton.steps t
        SET status = 'failed', finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = error
-     WHERE t.run_id = s.run_id AND t.step_id = s.step_id;
+     WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
     PERFORM baton._finish_run(s.run_id, 'failed', format('step "%s" failed: %s', s.name, error));
     RETURN 'failed';
 END $$;
@@ -96,7 +96,7 @@ DECLARE
     reclaimed integer := 0;
 BEGIN
     FOR candidate IN
-        SELECT e.run_id, e.step_id FROM baton.steps e
+        SELECT e.run_id, e.step_no FROM baton.steps e
          WHERE e.status = 'running' AND e.lease_expires_at < now()
            AND (queues IS NULL OR e.queue = ANY (queues))
          LIMIT max_steps
@@ -104,12 +104,12 @@ BEGIN
         -- run lock first, then the row (the order every multi-row transition uses)
         CONTINUE WHEN NOT baton._try_lock_run(candidate.run_id);
         SELECT * INTO s FROM baton.steps e
-         WHERE e.run_id = candidate.run_id AND e.step_id = candidate.step_id
+         WHERE e.run_id = candidate.run_id AND e.step_no = candidate.step_no
            AND e.status = 'running' AND e.lease_expires_at < now()
            FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
         IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
-            PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s', s.timeout), true, false);
+            PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8), true, false);
         ELSE
             PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker), true, false);
         END IF;
@@ -163,10 +163,10 @@ BEGIN
     WITH candidates AS MATERIALIZED (
         -- per queue: an ordered scan of steps_ready, skipping rows other
         -- claimers hold; then the best max_steps over all queues
-        SELECT c.run_id, c.step_id
+        SELECT c.run_id, c.step_no
           FROM unnest(qnames, qslots) AS q(name, slots)
          CROSS JOIN LATERAL (
-               SELECT r.run_id, r.step_id, r.priority, r.run_at
+               SELECT r.run_id, r.step_no, r.step_id, r.priority, r.run_at
                  FROM baton.steps r
                 WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
                 ORDER BY r.priority DESC, r.run_at, r.step_id
@@ -184,7 +184,7 @@ BEGIN
                                                ELSE least(claim_steps.lease, s.timeout) END,
                started_at = now()
           FROM candidates c
-         WHERE s.run_id = c.run_id AND s.step_id = c.step_id AND s.status = 'ready'
+         WHERE s.run_id = c.run_id AND s.step_no = c.step_no AND s.status = 'ready'
         RETURNING s.*
     ), started AS (
         UPDATE baton.runs r SET status = 'running', started_at = now()
@@ -192,7 +192,7 @@ BEGIN
     )
     SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
            coalesce((SELECT jsonb_object_agg(u.name, u.output) FROM baton.steps u
-                      WHERE u.run_id = c.run_id AND u.name = ANY (c.after)), '{}'::jsonb),
+                      WHERE u.run_id = c.run_id AND u.step_no = ANY (c.upstream)), '{}'::jsonb),
            coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
                       WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
            c.lease_expires_at
@@ -232,7 +232,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     s record;
 BEGIN
-    IF checkpoint.key IS NULL OR checkpoint.key = '' THEN
+    PERFORM baton._require(checkpoint.key, 'key');
+    IF checkpoint.key = '' THEN
         RAISE EXCEPTION 'key must be a non-empty text' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- FOR SHARE: a concurrent reclaim waits until this checkpoint is committed

@@ -1,5 +1,32 @@
 -- Runs: enqueue_workflow, cancel_workflow, and finishing a run.
 
+-- The steps of new runs, from the run's definition: root steps ready (from
+-- start_at), the others blocked on their upstream steps.
+CREATE FUNCTION _create_steps(run_ids uuid[], definition jsonb, queue text, priority integer, start_at timestamptz)
+RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on,
+                             queue, priority, run_at, max_attempts, timeout)
+    SELECT r.id,
+           d.n - 1,
+           d.s ->> 'name',
+           CASE WHEN jsonb_array_length(d.s -> 'upstream') = 0 THEN 'ready' ELSE 'blocked' END,
+           d.upstream,
+           d.downstream,
+           cardinality(d.upstream),
+           coalesce(_create_steps.queue, d.s ->> 'queue'),
+           coalesce(_create_steps.priority, 0),
+           _create_steps.start_at,
+           (d.s ->> 'max_attempts')::integer,
+           (d.s ->> 'timeout')::interval
+      FROM (SELECT s, n,
+                   ARRAY(SELECT jsonb_array_elements_text(s -> 'upstream')::integer) AS upstream,
+                   ARRAY(SELECT jsonb_array_elements_text(s -> 'downstream')::integer) AS downstream
+              FROM jsonb_array_elements(_create_steps.definition -> 'steps') WITH ORDINALITY AS e(s, n)) d
+     CROSS JOIN unnest(_create_steps.run_ids) AS r(id)
+     ORDER BY r.id, d.n
+$$;
+
 CREATE FUNCTION enqueue_workflow(
     workflow text,
     input jsonb DEFAULT '{}',
@@ -44,23 +71,78 @@ BEGIN
         RETURN new_id;
     END IF;
 
-    INSERT INTO baton.steps (run_id, name, status, after, waiting_on, queue, priority, run_at, max_attempts, timeout)
-    SELECT new_id,
-           s ->> 'name',
-           CASE WHEN jsonb_array_length(s -> 'after') = 0 THEN 'ready' ELSE 'blocked' END,
-           ARRAY(SELECT jsonb_array_elements_text(s -> 'after')),
-           jsonb_array_length(s -> 'after'),
-           coalesce(queue, s ->> 'queue'),
-           coalesce(priority, 0),
-           start_at,
-           (s ->> 'max_attempts')::integer,
-           (s ->> 'timeout')::interval
-      FROM jsonb_array_elements(wf.definition -> 'steps') AS s;
+    PERFORM baton._create_steps(ARRAY[new_id], wf.definition, queue, priority, start_at);
 
     IF start_at <= now() THEN
         PERFORM baton._notify_ready(new_id);
     END IF;
     RETURN new_id;
+END $$;
+
+-- Many runs of one workflow in one statement: inputs[i] (and
+-- idempotency_keys[i], when given) for run i. Returns the run ids in input
+-- order; a key that already has a run returns that run's id.
+CREATE FUNCTION enqueue_workflows(
+    workflow text,
+    inputs jsonb[],
+    idempotency_keys text[] DEFAULT NULL,
+    queue text DEFAULT NULL,
+    priority integer DEFAULT 0,
+    run_at timestamptz DEFAULT NULL
+) RETURNS uuid[]
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    wf baton.workflows;
+    n integer := coalesce(cardinality(inputs), 0);
+    ids uuid[];
+    inserted uuid[];
+    start_at timestamptz := coalesce(run_at, now());
+BEGIN
+    PERFORM baton._require(workflow, 'workflow');
+    IF idempotency_keys IS NOT NULL AND cardinality(idempotency_keys) <> n THEN
+        RAISE EXCEPTION 'idempotency_keys must have one key (or NULL) per input' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF queue IS NOT NULL AND btrim(queue) = '' THEN
+        RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO wf FROM baton.workflows w
+     WHERE w.name = workflow ORDER BY w.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown workflow "%"', workflow
+            USING ERRCODE = 'undefined_object', HINT = 'Define it first with baton.define_workflow.';
+    END IF;
+    IF n = 0 THEN
+        RETURN '{}';
+    END IF;
+
+    ids := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, n));
+    WITH ins AS (
+        INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key, steps_left)
+        SELECT ids[i], workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
+               coalesce(inputs[i], '{}'), nullif(idempotency_keys[i], ''), jsonb_array_length(wf.definition -> 'steps')
+          FROM generate_series(1, n) AS i
+        ON CONFLICT DO NOTHING
+        RETURNING id)
+    SELECT array_agg(id) INTO inserted FROM ins;
+
+    PERFORM baton._create_steps(inserted, wf.definition, queue, priority, start_at);
+
+    IF coalesce(cardinality(inserted), 0) < n THEN
+        -- some keys already had runs: return those
+        SELECT array_agg(coalesce(x.id, r.id) ORDER BY g.i) INTO ids
+          FROM generate_series(1, n) AS g(i)
+          LEFT JOIN unnest(inserted) AS x(id) ON x.id = ids[g.i]
+          LEFT JOIN baton.runs r ON x.id IS NULL AND r.workflow = workflow
+                                AND r.idempotency_key = idempotency_keys[g.i];
+    END IF;
+    IF start_at <= now() AND inserted IS NOT NULL THEN
+        PERFORM pg_notify('baton_ready', q.queue)
+           FROM (SELECT DISTINCT coalesce(queue, s ->> 'queue') AS queue
+                   FROM jsonb_array_elements(wf.definition -> 'steps') s
+                  WHERE jsonb_array_length(s -> 'upstream') = 0) q;
+    END IF;
+    RETURN ids;
 END $$;
 
 -- NOTIFY baton_ready (payload: queue name) for each queue that has ready steps
@@ -79,6 +161,12 @@ CREATE FUNCTION _finish_run(run_id uuid, status text, error text) RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 BEGIN
+    -- Lock the unfinished steps first: a claim in flight commits before we go
+    -- on, and the statements below (fresh snapshots) see its lease.
+    PERFORM 1 FROM baton.steps s
+     WHERE s.run_id = run_id AND s.status IN ('blocked', 'ready', 'running')
+       FOR UPDATE;
+
     INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
     SELECT s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'cancelled',
            'run ' || status

@@ -48,15 +48,20 @@ CREATE TABLE runs (
 -- Idempotent enqueue: one run per (workflow, key), also under racing inserts.
 CREATE UNIQUE INDEX runs_idempotency_key ON runs (workflow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
-CREATE INDEX runs_created_at ON runs (created_at);
+-- Retention: finished runs, oldest first.
+CREATE INDEX runs_finished_at ON runs (finished_at) WHERE finished_at IS NOT NULL;
 
 CREATE TABLE steps (
     run_id            uuid        NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    -- the step's position in its definition: neighbours are found by key
+    step_no           integer     NOT NULL,
+    -- the protocol's handle for the step (claim_steps, complete_step, ...)
     step_id           bigint      GENERATED ALWAYS AS IDENTITY,
     name              text        NOT NULL,
     status            text        NOT NULL
                       CHECK (status IN ('blocked', 'ready', 'running', 'succeeded', 'failed', 'cancelled')),
-    after             text[]      NOT NULL DEFAULT '{}',
+    upstream          integer[]   NOT NULL DEFAULT '{}',   -- step_no of direct upstream steps
+    downstream        integer[]   NOT NULL DEFAULT '{}',   -- step_no of direct downstream steps
     -- upstream steps not yet succeeded; the step becomes ready at 0
     waiting_on        integer     NOT NULL DEFAULT 0,
     queue             text        NOT NULL,
@@ -73,7 +78,7 @@ CREATE TABLE steps (
     error             text,
     started_at        timestamptz,
     finished_at       timestamptz,
-    PRIMARY KEY (run_id, step_id)
+    PRIMARY KEY (run_id, step_no)
 ) WITH (fillfactor = 70);
 
 -- Lookups by step id (the protocol's handle). Not unique on purpose: the

@@ -8,6 +8,8 @@ DECLARE
     at timestamptz := clock_timestamp();
     reclaimed integer := 0;
     woken integer := 0;
+    pruned integer := 0;
+    retention interval;
     batch integer := coalesce(current_setting('baton.reclaim_batch', true)::integer, 500);
 BEGIN
     -- 1. Expired leases back to ready (or failed, when attempts are used up).
@@ -30,5 +32,23 @@ BEGIN
         RAISE WARNING 'pg_baton: waking delayed steps failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    RETURN jsonb_build_object('at', at, 'reclaimed', reclaimed, 'woken', woken);
+    -- 3. Retention: delete finished runs older than baton.retention (with their
+    --    steps, attempts and checkpoints), a bounded batch per round.
+    BEGIN
+        retention := nullif(current_setting('baton.retention', true), '')::interval;
+        IF retention IS NOT NULL THEN
+            WITH old AS (
+                SELECT r.id FROM baton.runs r
+                 WHERE r.finished_at < at - retention
+                 ORDER BY r.finished_at
+                 LIMIT coalesce(current_setting('baton.prune_batch', true)::integer, 1000)
+                   FOR UPDATE SKIP LOCKED)
+            DELETE FROM baton.runs r USING old WHERE r.id = old.id;
+            GET DIAGNOSTICS pruned = ROW_COUNT;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_baton: pruning old runs failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+
+    RETURN jsonb_build_object('at', at, 'reclaimed', reclaimed, 'woken', woken, 'pruned', pruned);
 END $$;

@@ -8,7 +8,10 @@ SELECT r.id, r.workflow, r.version, r.status, r.queue, r.priority, r.input, r.ou
 CREATE VIEW workflow_steps AS
 SELECT s.run_id AS workflow_id, s.name AS step, s.status, s.attempt, s.max_attempts, s.queue, s.run_at,
        s.worker, s.lease_expires_at, s.output, s.error, s.started_at, s.finished_at,
-       s.step_id, s.after, s.priority
+       s.step_id,
+       ARRAY(SELECT u.name FROM baton.steps u
+              WHERE u.run_id = s.run_id AND u.step_no = ANY (s.upstream) ORDER BY u.step_no) AS after,
+       s.priority
   FROM baton.steps s;
 
 CREATE VIEW step_attempts AS

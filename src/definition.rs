@@ -7,8 +7,12 @@
 //! ```json
 //! {"queue": "default", "steps": [{"name": "a", "after": [], "queue": "default",
 //!   "max_attempts": 3, "timeout": null,
-//!   "backoff": {"initial": "1 second", "max": "1 hour", "multiplier": 2.0}}]}
+//!   "backoff": {"initial": "1 second", "max": "1 hour", "multiplier": 2.0},
+//!   "upstream": [], "downstream": [1]}, ...]}
 //! ```
+//!
+//! `upstream` and `downstream` are the positions (0-based) of the step's direct
+//! neighbours in `steps`; a run's steps are keyed by that position.
 //!
 //! Interval texts are parsed by PostgreSQL itself in `sql/define.sql`; this
 //! module only checks they are strings. Every problem is an ERROR with SQLSTATE
@@ -150,13 +154,43 @@ fn normalize(workflow: &str, def: &Value) -> Result<Value, String> {
         }
     }
     if seen < out.len() {
-        let stuck = (0..out.len()).find(|&i| indegree[i] > 0).unwrap_or(0);
+        // What is left is cycles and steps downstream of them. Walk upstream
+        // among those until a step repeats: that step is on a cycle.
+        let mut upstream_left: Vec<Option<usize>> = vec![None; out.len()];
+        for (j, ds) in downstream.iter().enumerate() {
+            for &d in ds {
+                if indegree[j] > 0 && indegree[d] > 0 {
+                    upstream_left[d] = Some(j);
+                }
+            }
+        }
+        let mut stuck = (0..out.len()).find(|&i| indegree[i] > 0).unwrap_or(0);
+        let mut visited = vec![false; out.len()];
+        while !visited[stuck] {
+            visited[stuck] = true;
+            match upstream_left[stuck] {
+                Some(up) => stuck = up,
+                None => break,
+            }
+        }
         return Err(format!(
             "step \"{}\": field \"after\" makes a cycle",
             out[stuck]["name"].as_str().unwrap_or_default()
         ));
     }
 
+    // Edges by position, so that the engine can find a step's neighbours
+    // through the primary key (run_id, step_no) instead of by name.
+    for (i, step) in out.iter_mut().enumerate() {
+        let upstream: Vec<usize> = step["after"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().and_then(|n| index.get(n).copied()))
+            .collect();
+        step["upstream"] = json!(upstream);
+        step["downstream"] = json!(downstream[i]);
+    }
     Ok(json!({ "queue": default_queue, "steps": out }))
 }
 

@@ -13,6 +13,9 @@ pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static RECLAIM_BATCH: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"7 days"));
+pub static PRUNE_BATCH: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 pub fn register() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -40,6 +43,24 @@ pub fn register() {
         c"Most expired leases the background worker reclaims per round.",
         c"Keeps each round's transaction short; the rest waits for the next round.",
         &RECLAIM_BATCH,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"baton.retention",
+        c"How long finished runs are kept before the background worker deletes them.",
+        c"An interval such as '7 days'; empty keeps them forever.",
+        &RETENTION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"baton.prune_batch",
+        c"Most finished runs deleted per background worker round.",
+        c"Keeps each round's transaction short.",
+        &PRUNE_BATCH,
         1,
         100_000,
         GucContext::Sighup,

@@ -6,10 +6,21 @@ CREATE EXTENSION pg_baton;
 SELECT extname, extnamespace::regnamespace AS schema, extrelocatable
   FROM pg_extension WHERE extname = 'pg_baton';
 
-SELECT p.proname, pg_get_function_result(p.oid) AS returns
-  FROM pg_proc p
- WHERE p.pronamespace = 'baton'::regnamespace AND p.proname !~ '^_'
- ORDER BY p.proname;
+-- The protocol's functions and what they return (other functions may exist).
+SELECT f.name, p.proname IS NOT NULL AS exists,
+       pg_get_function_result(p.oid) = f.returns AS returns_ok
+  FROM (VALUES ('define_workflow', 'integer'),
+               ('enqueue_workflow', 'uuid'),
+               ('claim_steps', 'TABLE(step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer, input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamp with time zone)'),
+               ('complete_step', 'text'),
+               ('fail_step', 'text'),
+               ('heartbeat', 'timestamp with time zone'),
+               ('checkpoint', 'void'),
+               ('cancel_workflow', 'boolean'),
+               ('configure_queue', 'void'),
+               ('_tick', 'jsonb')) AS f(name, returns)
+  LEFT JOIN pg_proc p ON p.proname = f.name AND p.pronamespace = 'baton'::regnamespace
+ ORDER BY f.name;
 
 SELECT c.relname, c.relkind
   FROM pg_class c

@@ -12,7 +12,11 @@ SELECT name, version, jsonb_array_length(definition -> 'steps') AS steps
 
 -- Defaults: queue 'default', after [], max_attempts 3, the default backoff, no timeout.
 SELECT baton.define_workflow('dv_defaults', '{"steps": [{"name": "only"}]}');
-SELECT jsonb_pretty(definition) FROM baton.workflows WHERE name = 'dv_defaults';
+SELECT w.definition ->> 'queue' AS workflow_queue, s ->> 'name' AS step, s -> 'after' AS after,
+       s ->> 'queue' AS queue, s -> 'max_attempts' AS max_attempts, s -> 'timeout' AS timeout,
+       s -> 'backoff' AS backoff
+  FROM baton.workflows w, jsonb_array_elements(w.definition -> 'steps') s
+ WHERE w.name = 'dv_defaults';
 
 -- A definition-level queue is every step's default; a step's own queue wins.
 -- Explicit settings are kept.

@@ -16,9 +16,10 @@ SELECT baton.enqueue_workflow('eq_flow', '{"n": 1}') AS run1 \gset
 SELECT workflow, version, status, queue, priority, input, output, error, idempotency_key,
        started_at IS NULL AS not_started, finished_at IS NULL AS not_finished
   FROM baton.runs WHERE id = :'run1';
-SELECT name, status, after, waiting_on, queue, priority, attempt, max_attempts,
-       run_at <= now() AS due, lease_token IS NULL AS unleased
-  FROM baton.steps WHERE run_id = :'run1' ORDER BY step_id;
+SELECT v.step, v.status, v.after, s.waiting_on, v.queue, v.priority, v.attempt, v.max_attempts,
+       v.run_at <= now() AS due, s.lease_token IS NULL AS unleased
+  FROM baton.workflow_steps v JOIN baton.steps s ON s.step_id = v.step_id
+ WHERE v.workflow_id = :'run1' ORDER BY v.step_id;
 
 -- input defaults to {} (and NULL input is stored as {}).
 SELECT baton.enqueue_workflow('eq_other') AS r \gset

@@ -28,10 +28,17 @@ SELECT step_id FROM baton.steps
 EXPLAIN (COSTS OFF)
 SELECT run_id FROM baton.steps WHERE step_id = 5;
 
--- Updating a step by run and step id uses the primary key.
+-- Updating a step by run and step id (complete_step's UPDATE) is a one-row
+-- index probe. The primary key is (run_id, step_no), so this goes through
+-- steps_step_id and checks run_id on the row.
 EXPLAIN (COSTS OFF)
 UPDATE baton.steps SET output = '{}'
  WHERE run_id = '00000000-0000-0000-0000-000000000001' AND step_id = 5;
+
+-- Unblocking downstream steps probes the primary key (run_id, step_no).
+EXPLAIN (COSTS OFF)
+UPDATE baton.steps SET waiting_on = waiting_on - 1
+ WHERE run_id = '00000000-0000-0000-0000-000000000001' AND step_no = ANY ('{1,2}') AND status = 'blocked';
 
 -- The claim itself still works on this data: the oldest ready steps first.
 SELECT step, input FROM baton.claim_steps('ex', max_steps => 3);

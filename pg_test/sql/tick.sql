@@ -1,10 +1,10 @@
 -- baton._tick: the background worker's round. It reclaims expired leases in
--- every queue and reports what it did as {at, reclaimed, woken}. (The
+-- every queue and reports what it did as {at, reclaimed, woken, ...}. (The
 -- background worker serves another database, so only this test calls it here.)
 
 -- Earlier tests left nothing running; a round with nothing to do.
 SELECT count(*) AS running FROM baton.steps WHERE status = 'running';
-SELECT array(SELECT jsonb_object_keys(t) ORDER BY 1) AS keys, t -> 'reclaimed' AS reclaimed,
+SELECT t ?& ARRAY['at', 'reclaimed', 'woken'] AS has_keys, t -> 'reclaimed' AS reclaimed,
        jsonb_typeof(t -> 'woken') AS woken_type, (t ->> 'at')::timestamptz <= clock_timestamp() AS at_ok
   FROM baton._tick() t;
 
@@ -21,7 +21,7 @@ SELECT count(*) FROM baton.claim_steps('w1', ARRAY['tk_a'], 10);
 UPDATE baton.steps SET lease_expires_at = now() - interval '1 second'
  WHERE run_id IN (:'r1', :'r2', :'r4');
 
-SELECT array(SELECT jsonb_object_keys(t) ORDER BY 1) AS keys, t -> 'reclaimed' AS reclaimed
+SELECT t ?& ARRAY['at', 'reclaimed', 'woken'] AS has_keys, t -> 'reclaimed' AS reclaimed
   FROM baton._tick() t;
 -- The two retryable ones are ready again at once, attempt 1 recorded as lost;
 -- the one without attempts left failed its run; the valid lease is untouched.
