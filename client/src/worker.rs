@@ -1,10 +1,11 @@
 //! `Worker`: claims steps of its queues, runs their handlers, heartbeats the
 //! leases, reports back, and shuts down gracefully.
 //!
-//! One loop claims in batches up to the free concurrency, each claimed step
-//! runs in its own task. The loop wakes on `NOTIFY baton_ready` for its queues
-//! (a dedicated LISTEN connection), when a step finishes, and every
-//! `poll_interval` as a fallback.
+//! One loop owns the worker's turns: each turn reports the steps that finished
+//! and claims steps for the free slots in one call (`baton.complete_and_claim`:
+//! one round trip, one commit). Each claimed step runs in its own task. The
+//! loop wakes on `NOTIFY baton_ready` for its queues (a dedicated LISTEN
+//! connection), when a step finishes, and every `poll_interval` as a fallback.
 
 use crate::client::Client;
 use crate::context::{StepContext, StepError};
@@ -19,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info_span, warn, Instrument};
 use uuid::Uuid;
@@ -137,33 +138,35 @@ impl Worker {
     pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<()> {
         let w = self.inner.clone();
         let wake = Arc::new(Notify::new());
-        let _listener = match w.client.listen_config() {
-            Some(config) => Some(Listener::start(
-                config.clone(),
-                w.queues.clone(),
-                wake.clone(),
-            )),
-            None => None,
-        };
+        let _listener = w
+            .client
+            .listen_config()
+            .map(|config| Listener::start(config.clone(), w.queues.clone(), wake.clone()));
         let permits = Arc::new(Semaphore::new(w.concurrency));
         let leases: Leases = Arc::new(Mutex::new(HashMap::new()));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
+        let mut pending: Vec<Completion> = Vec::new();
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);
         debug!(worker = %w.name, queues = ?w.queues, "worker started");
 
         loop {
-            // Claim as long as there is room and work.
-            while permits.available_permits() > 0 {
-                let want = permits.available_permits();
-                let steps = match claim(&w, want).await {
+            // One turn: report what finished and claim for the free slots, in
+            // one round trip and one commit.
+            while let Ok(c) = done_rx.try_recv() {
+                pending.push(c);
+            }
+            let free = permits.available_permits();
+            if !pending.is_empty() || free > 0 {
+                let claimed = match turn(&w, &mut pending, free).await {
                     Ok(steps) => steps,
                     Err(e) => {
                         warn!(worker = %w.name, error = %e, "claim failed; retrying after the poll interval");
-                        break;
+                        Vec::new()
                     }
                 };
-                let got = steps.len();
-                for ctx in steps {
+                let got = claimed.len();
+                for ctx in claimed {
                     let permit = permits
                         .clone()
                         .acquire_owned()
@@ -173,27 +176,30 @@ impl Worker {
                         .lock()
                         .expect("leases")
                         .insert(ctx.step_id, ctx.lease_token);
-                    let (w, leases) = (w.clone(), leases.clone());
+                    let (w, leases, done_tx) = (w.clone(), leases.clone(), done_tx.clone());
                     running.spawn(async move {
                         let step_id = ctx.step_id;
-                        run_step(&w, ctx).await;
+                        if let Some(completion) = run_step(&w, ctx).await {
+                            let _ = done_tx.send(completion);
+                        }
                         leases.lock().expect("leases").remove(&step_id);
                         drop(permit);
                     });
                 }
-                if got < want {
-                    break;
+                if free > 0 && got == free {
+                    continue; // a full batch: there may be more
                 }
             }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = wake.notified() => {}
+                Some(c) = done_rx.recv() => pending.push(c),
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = tokio::time::sleep(w.poll_interval) => {}
             }
         }
 
-        // Graceful shutdown.
+        // Graceful shutdown: no more claims; finish (or hand back) what runs.
         debug!(worker = %w.name, in_flight = running.len(), "worker stopping");
         let drained = tokio::time::timeout(w.shutdown_grace, async {
             while running.join_next().await.is_some() {}
@@ -202,7 +208,17 @@ impl Worker {
         if drained.is_err() {
             running.abort_all();
             while running.join_next().await.is_some() {}
-            let held: Vec<(i64, Uuid)> = leases.lock().expect("leases").drain().collect();
+        }
+        while let Ok(c) = done_rx.try_recv() {
+            pending.push(c);
+        }
+        if !pending.is_empty() {
+            if let Err(e) = turn(&w, &mut pending, 0).await {
+                warn!(worker = %w.name, error = %e, "could not report finished steps; they will run again");
+            }
+        }
+        let held: Vec<(i64, Uuid)> = leases.lock().expect("leases").drain().collect();
+        if !held.is_empty() {
             let conn = w.client.pool().get().await?;
             for (step_id, token) in held {
                 match conn
@@ -218,16 +234,34 @@ impl Worker {
     }
 }
 
-async fn claim(w: &WorkerBuilder, max: usize) -> Result<Vec<StepContext>> {
-    let span = info_span!("baton.claim", worker = %w.name, max, claimed = tracing::field::Empty);
+/// A step whose handler succeeded, waiting to be reported with the next turn.
+struct Completion {
+    step_id: i64,
+    token: Uuid,
+    output: serde_json::Value,
+}
+
+/// Complete `done` and claim up to `max` steps: `baton.complete_and_claim`.
+async fn turn(
+    w: &WorkerBuilder,
+    done: &mut Vec<Completion>,
+    max: usize,
+) -> Result<Vec<StepContext>> {
+    let span = info_span!(
+        "baton.claim",
+        worker = %w.name, completed = done.len(), max, claimed = tracing::field::Empty
+    );
     async {
+        let ids: Vec<i64> = done.iter().map(|c| c.step_id).collect();
+        let tokens: Vec<Uuid> = done.iter().map(|c| c.token).collect();
+        let outputs: Vec<serde_json::Value> = done.drain(..).map(|c| c.output).collect();
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
         let rows = conn
             .query(
                 "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
-                 FROM baton.claim_steps($1, $2, $3, make_interval(secs => $4))",
-                &[&w.name, &w.queues, &(max as i32), &lease],
+                 FROM baton.complete_and_claim($1, $2, $3, $4, $5, $6, make_interval(secs => $7))",
+                &[&ids, &tokens, &outputs, &w.name, &w.queues, &(max as i32), &lease],
             )
             .await?;
         tracing::Span::current().record("claimed", rows.len());
@@ -260,7 +294,9 @@ enum Outcome {
 
 /// One attempt: the handler races the heartbeat loop, which only ends if the
 /// lease is lost (then the handler is dropped: its work is no longer ours).
-async fn run_step(w: &WorkerBuilder, ctx: StepContext) {
+/// A success comes back to be reported with the worker's next turn; a failure
+/// is reported here.
+async fn run_step(w: &WorkerBuilder, ctx: StepContext) -> Option<Completion> {
     let span = info_span!(
         "baton.step",
         workflow = %ctx.workflow, step = %ctx.step, run_id = %ctx.run_id, attempt = ctx.attempt, step_id = ctx.step_id
@@ -284,41 +320,35 @@ async fn run_step(w: &WorkerBuilder, ctx: StepContext) {
                 }
             }
         };
-        let report = match outcome {
+        match outcome {
             Outcome::LeaseLost => {
                 warn!("lease lost while the step ran; its result is discarded");
-                return;
+                None
             }
-            Outcome::Done(Ok(_)) if completed.load(Ordering::SeqCst) => return,
-            Outcome::Done(Ok(output)) => report(w, "SELECT baton.complete_step($1, $2, $3::text::jsonb)", step_id, token, output.to_string(), None).await,
+            Outcome::Done(Ok(_)) if completed.load(Ordering::SeqCst) => None,
+            Outcome::Done(Ok(output)) => Some(Completion { step_id, token, output }),
             Outcome::Done(Err(e)) => {
                 debug!(error = %e.message, retryable = e.retryable, "step failed");
-                report(w, "SELECT baton.fail_step($1, $2, $3, $4)", step_id, token, e.message, Some(e.retryable)).await
+                match fail(w, step_id, token, &e).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_lease_lost() => warn!("lease lost before the failure was recorded"),
+                    Err(e) => warn!(error = %e, "could not record the failure; the lease will expire and the step run again"),
+                }
+                None
             }
-        };
-        match report {
-            Ok(()) => {}
-            Err(e) if e.is_lease_lost() => warn!("lease lost before the result was recorded; it is discarded"),
-            Err(e) => warn!(error = %e, "could not record the step's result; the lease will expire and the step run again"),
         }
     }
     .instrument(span)
     .await
 }
 
-async fn report(
-    w: &WorkerBuilder,
-    sql: &str,
-    step_id: i64,
-    token: Uuid,
-    text: String,
-    retryable: Option<bool>,
-) -> Result<()> {
+async fn fail(w: &WorkerBuilder, step_id: i64, token: Uuid, e: &StepError) -> Result<()> {
     let conn = w.client.pool().get().await?;
-    match retryable {
-        None => conn.query_one(sql, &[&step_id, &token, &text]).await?,
-        Some(r) => conn.query_one(sql, &[&step_id, &token, &text, &r]).await?,
-    };
+    conn.query_one(
+        "SELECT baton.fail_step($1, $2, $3, $4)",
+        &[&step_id, &token, &e.message, &e.retryable],
+    )
+    .await?;
     Ok(())
 }
 
