@@ -58,6 +58,7 @@ shared_preload_libraries = 'pg_baton'
 baton.database = '$db'
 baton.interval = ${BATON_INTERVAL:-1s}
 max_connections = 100
+shared_buffers = ${BATON_SHARED_BUFFERS:-128MB}
 fsync = ${BATON_FSYNC:-on}
 log_min_messages = ${BATON_LOG_LEVEL:-warning}
 CONF

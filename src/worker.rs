@@ -81,7 +81,9 @@ fn round(since: Option<&str>) -> (bool, Option<String>) {
             let woken = report.get("woken").and_then(|v| v.as_i64()).unwrap_or(0);
             let pruned = report.get("pruned").and_then(|v| v.as_i64()).unwrap_or(0);
             if pruned > 0 {
-                log!("pg_baton scheduler: deleted {pruned} finished run(s) past baton.retention");
+                debug1!(
+                    "pg_baton scheduler: deleted {pruned} finished run(s) past baton.retention"
+                );
             }
             if reclaimed > 0 {
                 log!("pg_baton scheduler: reclaimed {reclaimed} expired lease(s)");

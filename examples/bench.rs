@@ -1,0 +1,653 @@
+//! The pg_baton benchmark harness. Starts from an empty schema (it drops and
+//! re-creates the extension in the target database!) and prints one line per
+//! figure:
+//!
+//!   RESULT system=pg_baton workload=<W> workflows=<n> steps=<n> wall_s=<x> steps_per_s=<x> ms_per_step=<x> enqueue_per_s=<x>
+//!
+//! then one TARGET line per target, as a ratio against W0 measured in the
+//! same run. Workloads: W0 floor (one durable commit), W1 throughput, W2
+//! latency, W3 enqueue, W4 W1 with a big history, W5 wake-up, soak.
+//!
+//!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N]
+//!
+//! `scripts/bench` runs it on a fresh release build and cluster; `scripts/test`
+//! runs `--quick` so it cannot rot.
+
+use baton::{Client, EnqueueOptions, Step, Worker, WorkflowDef};
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+struct Opts {
+    url: String,
+    quick: bool,
+    only: Option<Vec<String>>,
+    soak_secs: u64,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let mut o = Opts {
+            url: std::env::var("BATON_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55442/baton_bench".into()),
+            quick: false,
+            only: None,
+            soak_secs: 600,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => {
+                    o.quick = true;
+                    o.soak_secs = o.soak_secs.min(30);
+                }
+                "--only" => {
+                    o.only = args
+                        .next()
+                        .map(|s| s.split(',').map(|w| w.trim().to_uppercase()).collect())
+                }
+                "--soak-secs" => {
+                    o.soak_secs = args
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(o.soak_secs)
+                }
+                other => panic!("unknown argument {other}; see the header of examples/bench.rs"),
+            }
+        }
+        o
+    }
+    fn runs(&self, w: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| o == w))
+    }
+    fn n(&self, full: usize, quick: usize) -> usize {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Figure {
+    workflows: usize,
+    steps: usize,
+    wall_s: f64,
+    enqueue_per_s: f64,
+}
+
+impl Figure {
+    fn steps_per_s(&self) -> f64 {
+        self.steps as f64 / self.wall_s
+    }
+    fn ms_per_step(&self) -> f64 {
+        self.wall_s * 1000.0 / self.steps as f64
+    }
+    fn print(&self, workload: &str, extra: &str) {
+        println!(
+            "RESULT system=pg_baton workload={workload} workflows={} steps={} wall_s={:.3} steps_per_s={:.1} ms_per_step={:.3} enqueue_per_s={:.1}{extra}",
+            self.workflows,
+            self.steps,
+            self.wall_s,
+            self.steps_per_s(),
+            self.ms_per_step(),
+            self.enqueue_per_s
+        );
+    }
+}
+
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+#[tokio::main]
+async fn main() {
+    let o = Opts::parse();
+    let admin = raw(&o.url).await;
+    admin
+        .batch_execute("SET client_min_messages = warning; DROP EXTENSION IF EXISTS pg_baton CASCADE; CREATE EXTENSION pg_baton;")
+        .await
+        .expect("reset the schema");
+    let info = admin
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit'), current_setting('fsync'), \
+                    current_setting('shared_buffers')",
+            &[],
+        )
+        .await
+        .unwrap();
+    println!(
+        "# machine: {} cores; PostgreSQL {}; synchronous_commit={} fsync={} shared_buffers={}; mode={}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        info.get::<_, String>(0),
+        info.get::<_, String>(1),
+        info.get::<_, String>(2),
+        info.get::<_, String>(3),
+        if o.quick { "quick" } else { "full" }
+    );
+    let client = Client::connect(&o.url).await.expect("client");
+
+    let mut w0 = (None, None);
+    if o.runs("W0") {
+        w0.0 = Some(floor(&o, 1).await);
+        w0.1 = Some(floor(&o, 8).await);
+    }
+    let mut w1 = None;
+    if o.runs("W1") || o.runs("W4") {
+        w1 = Some(throughput(&o, &client, "W1").await);
+    }
+    let mut w2 = None;
+    if o.runs("W2") {
+        w2 = Some(latency(&o, &client).await);
+    }
+    if o.runs("W3") {
+        enqueue(&o, &client).await;
+    }
+    let mut w4 = None;
+    if o.runs("W4") {
+        fill_history(&o, &admin).await;
+        w4 = Some(throughput(&o, &client, "W4").await);
+    }
+    let mut w5 = None;
+    if o.runs("W5") {
+        w5 = Some(wakeup(&o, &client).await);
+    }
+    if o.runs("SOAK") {
+        soak(&o, &client, &admin).await;
+    }
+
+    // Targets, as ratios within this run.
+    if let (Some(f1), Some(w2)) = (w0.0, w2) {
+        let limit = 1.5 * f1.ms_per_step();
+        target(
+            "W2",
+            w2.ms_per_step() <= limit,
+            &format!(
+                "ms_per_step={:.3} <= 1.5 x W0(1 client) {:.3} = {limit:.3}",
+                w2.ms_per_step(),
+                f1.ms_per_step()
+            ),
+        );
+    }
+    if let (Some(f8), Some(w1)) = (w0.1, w1) {
+        target(
+            "W1",
+            w1.steps_per_s() >= f8.steps_per_s(),
+            &format!(
+                "steps_per_s={:.1} >= W0(8 clients) commits_per_s={:.1}",
+                w1.steps_per_s(),
+                f8.steps_per_s()
+            ),
+        );
+    }
+    if let (Some(w1), Some(w4)) = (w1, w4) {
+        let ratio = w4.steps_per_s() / w1.steps_per_s();
+        target(
+            "W4",
+            ratio >= 0.9,
+            &format!(
+                "steps_per_s={:.1} is {:.0}% of W1 {:.1} (>= 90%)",
+                w4.steps_per_s(),
+                ratio * 100.0,
+                w1.steps_per_s()
+            ),
+        );
+    }
+    if let Some(median) = w5 {
+        target(
+            "W5",
+            median < 5.0,
+            &format!("median wake-up {median:.2} ms < 5 ms"),
+        );
+    }
+}
+
+fn target(w: &str, met: bool, detail: &str) {
+    println!("TARGET {w} {} {detail}", if met { "met" } else { "MISSED" });
+}
+
+/// W0: what one durable commit costs: update one row and insert one row.
+async fn floor(o: &Opts, clients: usize) -> Figure {
+    let setup = raw(&o.url).await;
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS bench_floor, bench_log; \
+             CREATE TABLE bench_floor (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0); \
+             CREATE TABLE bench_log (id bigserial PRIMARY KEY, client int, at timestamptz); \
+             INSERT INTO bench_floor (id) SELECT g FROM generate_series(0, 15) g;",
+        )
+        .await
+        .unwrap();
+    let per_client = o.n(2000, 200) / clients.min(4);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let url = o.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut db = raw(&url).await;
+            let id = c as i32;
+            for _ in 0..per_client {
+                let tx = db.transaction().await.unwrap();
+                tx.execute("UPDATE bench_floor SET n = n + 1 WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+                tx.execute(
+                    "INSERT INTO bench_log (client, at) VALUES ($1, now())",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let f = Figure {
+        workflows: 0,
+        steps: per_client * clients,
+        wall_s: start.elapsed().as_secs_f64(),
+        enqueue_per_s: 0.0,
+    };
+    f.print(
+        &format!("W0_{clients}client"),
+        &format!(" commits_per_s={:.1} clients={clients}", f.steps_per_s()),
+    );
+    setup
+        .batch_execute("DROP TABLE bench_floor, bench_log")
+        .await
+        .unwrap();
+    f
+}
+
+/// Enqueue `n` runs of `workflow` in batches through enqueue_workflows.
+async fn enqueue_many(client: &Client, workflow: &str, n: usize) -> f64 {
+    let conn = client.pool().get().await.unwrap();
+    let start = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(500);
+        let inputs: Vec<serde_json::Value> = (0..batch).map(|i| json!({ "i": i })).collect();
+        conn.query_one(
+            "SELECT baton.enqueue_workflows($1, $2)",
+            &[&workflow, &inputs],
+        )
+        .await
+        .unwrap();
+        left -= batch;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Run a no-op worker until `expect` runs have finished their last step.
+async fn drain(
+    client: &Client,
+    worker: baton::WorkerBuilder,
+    done: Arc<AtomicUsize>,
+    expect: usize,
+) -> f64 {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let start = Instant::now();
+    let handle = tokio::spawn(worker.build().run_until(async {
+        let _ = stopped.await;
+    }));
+    while done.load(Ordering::SeqCst) < expect {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    stop.send(()).ok();
+    handle.await.unwrap().unwrap();
+    let _ = client;
+    wall
+}
+
+/// W1 / W4: workflows of 3 sequential no-op steps, drained by one worker with concurrency 8.
+async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
+    let wf = "bench_w1";
+    client
+        .define_workflow(
+            &WorkflowDef::new(wf)
+                .queue(wf)
+                .step(Step::new("a"))
+                .step(Step::new("b").after(["a"]))
+                .step(Step::new("c").after(["b"])),
+        )
+        .await
+        .unwrap();
+    let n = o.n(2000, 200);
+    let enqueue_per_s = enqueue_many(client, wf, n).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let worker = Worker::builder(client)
+        .name(format!("bench-{label}"))
+        .queues([wf])
+        .concurrency(8)
+        .poll_interval(Duration::from_millis(200))
+        .handler(wf, "a", |_| async { Ok(()) })
+        .handler(wf, "b", |_| async { Ok(()) })
+        .handler(wf, "c", move |_| {
+            d.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        });
+    let wall = drain(client, worker, done, n).await;
+    let f = Figure {
+        workflows: n,
+        steps: n * 3,
+        wall_s: wall,
+        enqueue_per_s,
+    };
+    f.print(label, "");
+    f
+}
+
+/// W2: one workflow of 200 sequential steps, one worker.
+async fn latency(o: &Opts, client: &Client) -> Figure {
+    let wf = "bench_w2";
+    let n = o.n(200, 50);
+    let mut def = WorkflowDef::new(wf).queue(wf).step(Step::new("s0"));
+    for i in 1..n {
+        def = def.step(Step::new(format!("s{i}")).after([format!("s{}", i - 1)]));
+    }
+    client.define_workflow(&def).await.unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut worker = Worker::builder(client)
+        .name("bench-W2")
+        .queues([wf])
+        .concurrency(1);
+    for i in 0..n {
+        let d = done.clone();
+        worker = worker.handler(wf, &format!("s{i}"), move |_| {
+            if i == n - 1 {
+                d.fetch_add(1, Ordering::SeqCst);
+            }
+            async { Ok(()) }
+        });
+    }
+    client
+        .enqueue(wf, &json!({}), EnqueueOptions::default())
+        .await
+        .unwrap();
+    let wall = drain(client, worker, done, 1).await;
+    let f = Figure {
+        workflows: 1,
+        steps: n,
+        wall_s: wall,
+        enqueue_per_s: 0.0,
+    };
+    f.print("W2", "");
+    f
+}
+
+/// W3: single-step workflows enqueued one at a time, in batches, and in batches with keys.
+async fn enqueue(o: &Opts, client: &Client) {
+    let wf = "bench_w3";
+    client
+        .define_workflow(&WorkflowDef::new(wf).queue(wf).step(Step::new("s")))
+        .await
+        .unwrap();
+    let n = o.n(10_000, 1000);
+    let conn = client.pool().get().await.unwrap();
+    let stmt = conn
+        .prepare("SELECT baton.enqueue_workflow($1, $2)")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        conn.query_one(&stmt, &[&wf, &json!({ "i": i })])
+            .await
+            .unwrap();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    Figure {
+        workflows: n,
+        steps: n,
+        wall_s: wall,
+        enqueue_per_s: n as f64 / wall,
+    }
+    .print("W3_single", "");
+
+    for keyed in [false, true] {
+        let start = Instant::now();
+        for b in 0..n / 100 {
+            let inputs: Vec<serde_json::Value> = (0..100).map(|i| json!({ "i": i })).collect();
+            let keys: Option<Vec<String>> =
+                keyed.then(|| (0..100).map(|i| format!("key-{b}-{i}")).collect());
+            conn.query_one(
+                "SELECT baton.enqueue_workflows($1, $2, $3)",
+                &[&wf, &inputs, &keys],
+            )
+            .await
+            .unwrap();
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let label = if keyed {
+            "W3_batch100_keys"
+        } else {
+            "W3_batch100"
+        };
+        Figure {
+            workflows: n,
+            steps: n,
+            wall_s: wall,
+            enqueue_per_s: n as f64 / wall,
+        }
+        .print(label, "");
+    }
+    conn.execute("DELETE FROM baton.runs WHERE workflow = $1", &[&wf])
+        .await
+        .unwrap();
+}
+
+/// W4's history: finished runs of bench_w1 (3 steps each, one attempt per
+/// step) written straight into the tables, 1,000,000 steps in all.
+async fn fill_history(o: &Opts, admin: &tokio_postgres::Client) {
+    let runs = (o.n(1_000_000, 60_000) / 3) as i64;
+    let start = Instant::now();
+    admin
+        .execute(
+            "WITH r AS (
+               INSERT INTO baton.runs (id, workflow, version, status, queue, input, output, steps_left, created_at, started_at, finished_at)
+               SELECT gen_random_uuid(), 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', 0, now(), now(), now()
+                 FROM generate_series(1, $1::bigint) RETURNING id),
+             s AS (
+               INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on, queue, priority,
+                                        run_at, attempt, max_attempts, worker, started_at, finished_at)
+               SELECT r.id, k, 'abc'::text, 'succeeded', CASE WHEN k = 0 THEN '{}' ELSE ARRAY[k - 1] END,
+                      CASE WHEN k = 2 THEN '{}' ELSE ARRAY[k + 1] END, 0, 'bench_w1', 0, now(), 1, 3, 'history', now(), now()
+                 FROM r, generate_series(0, 2) k
+               RETURNING run_id, step_id)
+             INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
+             SELECT run_id, step_id, 1, 'x', 'history', now(), 'succeeded' FROM s",
+            &[&runs],
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute("VACUUM ANALYZE baton.runs, baton.steps, baton.attempts")
+        .await
+        .unwrap();
+    println!(
+        "# W4 history: {} finished steps written in {:.1} s",
+        runs * 3,
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// W5: from a committed enqueue to the start of the step on an idle worker.
+async fn wakeup(o: &Opts, client: &Client) -> f64 {
+    let wf = "bench_w5";
+    client
+        .define_workflow(&WorkflowDef::new(wf).queue(wf).step(Step::new("s")))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = Worker::builder(client)
+        .name("bench-W5")
+        .queues([wf])
+        .concurrency(1)
+        .poll_interval(Duration::from_secs(60))
+        .handler(wf, "s", move |_| {
+            let _ = tx.send(Instant::now());
+            async { Ok(()) }
+        })
+        .build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tries = o.n(200, 30);
+    let mut ms = Vec::with_capacity(tries);
+    let conn = client.pool().get().await.unwrap();
+    for i in 0..tries {
+        conn.query_one(
+            "SELECT baton.enqueue_workflow($1, $2)",
+            &[&wf, &json!({ "i": i })],
+        )
+        .await
+        .unwrap();
+        let committed = Instant::now();
+        let started = rx.recv().await.unwrap();
+        ms.push(started.saturating_duration_since(committed).as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(20)).await; // idle again
+    }
+    stop.send(()).ok();
+    handle.await.unwrap().unwrap();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = ms[ms.len() / 2];
+    let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
+    println!(
+        "RESULT system=pg_baton workload=W5 workflows={tries} steps={tries} wall_s=0 steps_per_s=0 ms_per_step={median:.3} enqueue_per_s=0 median_ms={median:.3} p99_ms={p99:.3}"
+    );
+    median
+}
+
+/// Soak: a steady load while the table sizes are sampled; retention keeps
+/// history bounded, so sizes must level off.
+async fn soak(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
+    let wf = "bench_soak";
+    let secs = o.soak_secs;
+    let retention = if o.quick { "5 seconds" } else { "1 minute" };
+    let every = if o.quick { 5 } else { 10 };
+    for sql in [
+        format!("ALTER SYSTEM SET baton.retention = '{retention}'"),
+        "ALTER SYSTEM SET baton.prune_batch = 5000".to_string(),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    client
+        .define_workflow(
+            &WorkflowDef::new(wf)
+                .queue(wf)
+                .step(Step::new("a"))
+                .step(Step::new("b").after(["a"]))
+                .step(Step::new("c").after(["b"])),
+        )
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let worker = Worker::builder(client)
+        .name("bench-soak")
+        .queues([wf])
+        .concurrency(8)
+        .handler(wf, "a", |_| async { Ok(()) })
+        .handler(wf, "b", |_| async { Ok(()) })
+        .handler(wf, "c", move |_| {
+            d.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        })
+        .build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    // 200 runs (600 steps) per second, in batches of 20 every 100 ms.
+    let producer_client = client.clone();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let producer = tokio::spawn(async move {
+        let conn = producer_client.pool().get().await.unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut sent = 0usize;
+        while Instant::now() < deadline {
+            tick.tick().await;
+            let inputs: Vec<serde_json::Value> = (0..20).map(|i| json!({ "i": i })).collect();
+            conn.query_one(
+                "SELECT baton.enqueue_workflows($1, $2)",
+                &[&"bench_soak", &inputs],
+            )
+            .await
+            .unwrap();
+            sent += 20;
+        }
+        sent
+    });
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(every)).await;
+        let row = admin
+            .query_one(
+                "SELECT pg_total_relation_size('baton.steps'), pg_total_relation_size('baton.runs'),
+                        pg_total_relation_size('baton.attempts'), pg_indexes_size('baton.steps'),
+                        (SELECT sum(n_dead_tup)::bigint FROM pg_stat_user_tables WHERE schemaname = 'baton'),
+                        (SELECT count(*) FROM baton.steps WHERE status = 'ready')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (steps, runs, attempts, idx, dead, ready): (i64, i64, i64, i64, i64, i64) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get::<_, Option<i64>>(4).unwrap_or(0),
+            row.get(5),
+        );
+        println!(
+            "SOAK t={:.0}s done_runs={} steps_kb={} steps_index_kb={} runs_kb={} attempts_kb={} dead_tuples={dead} ready_backlog={ready}",
+            start.elapsed().as_secs_f64(),
+            done.load(Ordering::SeqCst),
+            steps / 1024,
+            idx / 1024,
+            runs / 1024,
+            attempts / 1024
+        );
+        samples.push(steps + runs + attempts);
+    }
+    let sent = producer.await.unwrap();
+    stop.send(()).ok();
+    handle.await.unwrap().unwrap();
+    let wall = start.elapsed().as_secs_f64();
+    let finished = done.load(Ordering::SeqCst);
+    // Growth of the total size over the second half of the run.
+    let growth = match (samples.get(samples.len() / 2), samples.last()) {
+        (Some(mid), Some(last)) if *mid > 0 => *last as f64 / *mid as f64,
+        _ => 1.0,
+    };
+    Figure {
+        workflows: finished,
+        steps: finished * 3,
+        wall_s: wall,
+        enqueue_per_s: sent as f64 / wall,
+    }
+    .print("soak", &format!(" size_growth_second_half={growth:.2}"));
+    for sql in [
+        "ALTER SYSTEM RESET baton.retention",
+        "ALTER SYSTEM RESET baton.prune_batch",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+}
