@@ -6,67 +6,75 @@
 
 -- The run that a step belongs to, or NULL. A plain index probe, no lock.
 CREATE FUNCTION _run_of(step_id bigint) RETURNS uuid
-LANGUAGE sql STABLE AS $$
-    SELECT s.run_id FROM baton.steps s WHERE s.step_id = _run_of.step_id
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT s.run_id FROM baton.steps s WHERE s.step_id = _run_of.step_id);
+END $$;
 
 -- Complete one leased step; NULL when the lease is not held (nothing changes).
--- Otherwise returns the run's status after it.
+-- Otherwise returns the run's status after it. After one index probe to find
+-- the run (for its lock), it is one statement: the step succeeds, its attempt
+-- is recorded, downstream steps whose upstreams have all succeeded become
+-- ready (primary-key probes by step_no), and the run is counted down; the
+-- last step makes it succeed with output {leaf step: output}.
 CREATE FUNCTION _complete(step_id bigint, lease_token uuid, output jsonb)
 RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 #variable_conflict use_column
 DECLARE
-    run uuid := baton._run_of(_complete.step_id);
-    s baton.steps;
+    run uuid;
     run_status text;
     notified integer;
 BEGIN
+    SELECT s.run_id INTO run FROM baton.steps s WHERE s.step_id = _complete.step_id;
     IF run IS NULL OR _complete.lease_token IS NULL THEN
         RETURN NULL;
     END IF;
     PERFORM baton._lock_run(run);
 
-    UPDATE baton.steps t
-       SET status = 'succeeded', output = _complete.output, finished_at = now(),
-           lease_token = NULL, lease_expires_at = NULL, error = NULL
-     WHERE t.run_id = run AND t.step_id = _complete.step_id
-       AND t.lease_token = _complete.lease_token AND t.status = 'running'
-    RETURNING t.* INTO s;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-
-    INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
-    VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'succeeded');
-
-    -- Downstream steps whose last unfinished upstream this was become ready
-    -- (primary-key probes by step_no).
-    IF s.downstream <> '{}' THEN
-        WITH unblocked AS (
-            UPDATE baton.steps d
-               SET waiting_on = d.waiting_on - 1,
-                   status = CASE WHEN d.waiting_on = 1 THEN 'ready' ELSE 'blocked' END,
-                   run_at = greatest(d.run_at, now())
-             WHERE d.run_id = s.run_id AND d.step_no = ANY (s.downstream) AND d.status = 'blocked'
-            RETURNING d.queue, d.status)
-        SELECT count(*) INTO notified
-          FROM (SELECT pg_notify('baton_ready', q.queue)
-                  FROM (SELECT DISTINCT u.queue FROM unblocked u WHERE u.status = 'ready') q) n;
-    END IF;
-
-    -- The run succeeds with its last step; its output is {leaf step: output}.
-    UPDATE baton.runs r
-       SET steps_left = r.steps_left - 1,
-           status = CASE WHEN r.steps_left = 1 THEN 'succeeded' ELSE r.status END,
-           finished_at = CASE WHEN r.steps_left = 1 THEN now() END,
-           output = CASE WHEN r.steps_left = 1 THEN (
-                       SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
-                        WHERE l.run_id = r.id AND l.downstream = '{}')
-                    END
-     WHERE r.id = s.run_id
-    RETURNING r.status INTO run_status;
-    RETURN run_status;
+    WITH done AS (
+        UPDATE baton.steps t
+           SET status = 'succeeded', output = _complete.output, finished_at = now(),
+               lease_token = NULL, lease_expires_at = NULL, error = NULL
+         WHERE t.run_id = run AND t.step_id = _complete.step_id
+           AND t.lease_token = _complete.lease_token AND t.status = 'running'
+        RETURNING t.run_id, t.step_id, t.attempt, t.name, t.worker, t.started_at, t.downstream
+    ), history AS (
+        INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
+        SELECT d.run_id, d.step_id, d.attempt, d.name, d.worker, d.started_at, 'succeeded' FROM done d
+    ), unblocked AS (
+        UPDATE baton.steps n
+           SET waiting_on = n.waiting_on - 1,
+               status = CASE WHEN n.waiting_on = 1 THEN 'ready' ELSE 'blocked' END,
+               run_at = greatest(n.run_at, now())
+          FROM done d
+         WHERE n.run_id = d.run_id AND n.step_no = ANY (d.downstream) AND n.status = 'blocked'
+        RETURNING n.queue, n.status
+    ), counted AS (
+        -- The statement does not see its own step update, so the completing
+        -- step's output joins the other leaves' explicitly.
+        UPDATE baton.runs r
+           SET steps_left = r.steps_left - 1,
+               status = CASE WHEN r.steps_left = 1 THEN 'succeeded' ELSE r.status END,
+               finished_at = CASE WHEN r.steps_left = 1 THEN now() END,
+               output = CASE WHEN r.steps_left = 1 THEN
+                            coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
+                                       WHERE l.run_id = r.id AND l.downstream = '{}' AND l.step_id <> d.step_id), '{}')
+                            || CASE WHEN d.downstream = '{}' THEN jsonb_build_object(d.name, _complete.output)
+                                    ELSE '{}' END
+                        END
+          FROM done d
+         WHERE r.id = d.run_id
+        RETURNING r.status
+    )
+    SELECT c.status,
+           (SELECT count(*) FROM (SELECT pg_notify('baton_ready', q.queue)
+                                    FROM (SELECT DISTINCT u.queue FROM unblocked u WHERE u.status = 'ready') q) x)
+      INTO run_status, notified
+      FROM counted c;
+    RETURN run_status;  -- NULL when the lease was not held
 END $$;
 
 CREATE FUNCTION complete_step(step_id bigint, lease_token uuid, output jsonb DEFAULT NULL)

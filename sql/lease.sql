@@ -128,7 +128,10 @@ CREATE FUNCTION claim_steps(
     step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
     input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
 )
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- the claim query's plan does not depend on its arguments' values: plan it once
+SET plan_cache_mode = force_generic_plan
+AS $$
 #variable_conflict use_column
 DECLARE
     qnames text[];
@@ -153,8 +156,14 @@ BEGIN
     -- leases of these queues before counting slots and claiming.
     PERFORM baton._reclaim_expired(claim_steps.queues, 100);
 
-    SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
-      FROM baton._queue_slots(claim_steps.queues, claim_steps.max_steps) q;
+    IF EXISTS (SELECT 1 FROM baton.queues c WHERE c.name = ANY (claim_steps.queues)) THEN
+        SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
+          FROM baton._queue_slots(claim_steps.queues, claim_steps.max_steps) q;
+    ELSE
+        -- no queue here is limited or paused: the common case, no locks
+        qnames := ARRAY(SELECT DISTINCT q FROM unnest(claim_steps.queues) q WHERE q IS NOT NULL);
+        qslots := array_fill(claim_steps.max_steps, ARRAY[cardinality(qnames)]);
+    END IF;
     IF qnames IS NULL THEN
         RETURN;  -- every queue is paused or at its limit
     END IF;

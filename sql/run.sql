@@ -4,7 +4,8 @@
 -- start_at), the others blocked on their upstream steps.
 CREATE FUNCTION _create_steps(run_ids uuid[], definition jsonb, queue text, priority integer, start_at timestamptz)
 RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
     INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on,
                              queue, priority, run_at, max_attempts, timeout)
     SELECT r.id,
@@ -24,8 +25,8 @@ LANGUAGE sql AS $$
                    ARRAY(SELECT jsonb_array_elements_text(s -> 'downstream')::integer) AS downstream
               FROM jsonb_array_elements(_create_steps.definition -> 'steps') WITH ORDINALITY AS e(s, n)) d
      CROSS JOIN unnest(_create_steps.run_ids) AS r(id)
-     ORDER BY r.id, d.n
-$$;
+     ORDER BY r.id, d.n;
+END $$;
 
 CREATE FUNCTION enqueue_workflow(
     workflow text,
@@ -148,11 +149,12 @@ END $$;
 -- NOTIFY baton_ready (payload: queue name) for each queue that has ready steps
 -- in this run. Postgres folds identical notifications of one transaction.
 CREATE FUNCTION _notify_ready(run_id uuid) RETURNS void
-LANGUAGE sql AS $$
-    SELECT pg_notify('baton_ready', q.queue)
-      FROM (SELECT DISTINCT s.queue FROM baton.steps s
-             WHERE s.run_id = _notify_ready.run_id AND s.status = 'ready' AND s.run_at <= now()) q
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('baton_ready', q.queue)
+       FROM (SELECT DISTINCT s.queue FROM baton.steps s
+              WHERE s.run_id = _notify_ready.run_id AND s.status = 'ready' AND s.run_at <= now()) q;
+END $$;
 
 -- End a run as failed or cancelled: every unfinished step is cancelled (a
 -- running one loses its lease, recorded as a cancelled attempt).

@@ -108,9 +108,10 @@ CREATE TABLE attempts (
     outcome      text        NOT NULL
                  CHECK (outcome IN ('succeeded', 'failed', 'lease_expired', 'timed_out', 'cancelled')),
     error        text,
-    PRIMARY KEY (run_id, step_id, attempt),
-    FOREIGN KEY (run_id) REFERENCES runs (id) ON DELETE CASCADE
+    PRIMARY KEY (run_id, step_id, attempt)
 );
+-- No foreign key to runs on purpose: its check would lock the run row on every
+-- insert. Retention deletes a run's attempts and checkpoints with the run.
 
 -- Partial progress of a step, handed to its later attempts.
 CREATE TABLE checkpoints (
@@ -120,17 +121,24 @@ CREATE TABLE checkpoints (
     value     jsonb,
     attempt   integer     NOT NULL,
     saved_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, step_id, key),
-    FOREIGN KEY (run_id) REFERENCES runs (id) ON DELETE CASCADE
+    PRIMARY KEY (run_id, step_id, key)
 );
 
 -- Lock classes for pg_advisory_xact_lock(class, key): per run (serializes the
 -- transitions that touch several rows of one run) and per limited queue.
+-- Helpers on the hot path are PL/pgSQL, not SQL functions: PL/pgSQL caches
+-- its plans per session, PostgreSQL 15 re-plans a SQL function on every call.
 CREATE FUNCTION _lock_run(run_id uuid) RETURNS void
-LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock(1651797601, uuid_hash(run_id)) $$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(1651797601, uuid_hash(run_id));
+END $$;
 
 CREATE FUNCTION _try_lock_run(run_id uuid) RETURNS boolean
-LANGUAGE sql AS $$ SELECT pg_try_advisory_xact_lock(1651797601, uuid_hash(run_id)) $$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN pg_try_advisory_xact_lock(1651797601, uuid_hash(run_id));
+END $$;
 
 -- Raised when a lease is no longer held: expired and reclaimed, finished, or a
 -- wrong token. SQLSTATE BT001 ("lease lost"); see README.

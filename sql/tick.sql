@@ -37,13 +37,15 @@ BEGIN
     BEGIN
         retention := nullif(current_setting('baton.retention', true), '')::interval;
         IF retention IS NOT NULL THEN
-            WITH old AS (
+            WITH old AS MATERIALIZED (
                 SELECT r.id FROM baton.runs r
                  WHERE r.finished_at < at - retention
                  ORDER BY r.finished_at
                  LIMIT coalesce(current_setting('baton.prune_batch', true)::integer, 1000)
-                   FOR UPDATE SKIP LOCKED)
-            DELETE FROM baton.runs r USING old WHERE r.id = old.id;
+                   FOR UPDATE SKIP LOCKED),
+            a AS (DELETE FROM baton.attempts x USING old WHERE x.run_id = old.id),
+            c AS (DELETE FROM baton.checkpoints x USING old WHERE x.run_id = old.id)
+            DELETE FROM baton.runs r USING old WHERE r.id = old.id;  -- steps cascade
             GET DIAGNOSTICS pruned = ROW_COUNT;
         END IF;
     EXCEPTION WHEN OTHERS THEN
