@@ -11,104 +11,98 @@ BEGIN
     RETURN (SELECT s.run_id FROM baton.steps s WHERE s.step_id = _run_of.step_id);
 END $$;
 
--- Complete one leased step; NULL when the lease is not held (nothing changes).
--- Otherwise returns the run's status after it. After one index probe to find
--- the run (for its lock), it is one statement: the step succeeds, its attempt
--- is recorded, downstream steps whose upstreams have all succeeded become
--- ready (primary-key probes by step_no), and the run is counted down; the
--- last step makes it succeed with output {leaf step: output}.
-CREATE FUNCTION _complete(step_id bigint, lease_token uuid, output jsonb)
-RETURNS text
+-- Complete many leased steps in one statement (and one commit): each step
+-- succeeds and its attempt is recorded; downstream steps whose upstreams have
+-- all succeeded become ready (primary-key probes by step_no); each run is
+-- counted down, and the last step makes it succeed with output
+-- {leaf step: output}. A step whose lease is not held is reported as
+-- 'lease_lost' and nothing changes for it; the others complete. Returns one
+-- row per input, in input order: the run's status after it, or 'lease_lost'.
+CREATE FUNCTION complete_steps(step_ids bigint[], lease_tokens uuid[], outputs jsonb[] DEFAULT NULL)
+RETURNS TABLE(step_id bigint, status text)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
-DECLARE
-    run uuid;
-    run_status text;
-    notified integer;
 BEGIN
-    SELECT s.run_id INTO run FROM baton.steps s WHERE s.step_id = _complete.step_id;
-    IF run IS NULL OR _complete.lease_token IS NULL THEN
-        RETURN NULL;
+    IF cardinality(complete_steps.step_ids) IS DISTINCT FROM cardinality(complete_steps.lease_tokens)
+       OR cardinality(complete_steps.outputs) <> cardinality(complete_steps.step_ids) THEN
+        RAISE EXCEPTION 'step_ids, lease_tokens and outputs must have the same length'
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM baton._lock_run(run);
+    -- The runs' locks, in one global order, so that two batches never wait on
+    -- each other in a cycle (see the lock order at the top of this file).
+    PERFORM baton._lock_run(r.run_id)
+       FROM (SELECT DISTINCT s.run_id FROM baton.steps s
+              WHERE s.step_id = ANY (complete_steps.step_ids) ORDER BY s.run_id) r;
 
-    WITH done AS (
+    RETURN QUERY
+    WITH req AS (
+        SELECT q.step_id, q.token, q.output, q.n
+          FROM unnest(complete_steps.step_ids, complete_steps.lease_tokens,
+                      coalesce(complete_steps.outputs, array_fill(NULL::jsonb, ARRAY[cardinality(complete_steps.step_ids)])))
+               WITH ORDINALITY AS q(step_id, token, output, n)
+    ), done AS (
         UPDATE baton.steps t
-           SET status = 'succeeded', output = _complete.output, finished_at = now(),
+           SET status = 'succeeded', output = q.output, finished_at = now(),
                lease_token = NULL, lease_expires_at = NULL, error = NULL
-         WHERE t.run_id = run AND t.step_id = _complete.step_id
-           AND t.lease_token = _complete.lease_token AND t.status = 'running'
-        RETURNING t.run_id, t.step_id, t.attempt, t.name, t.worker, t.started_at, t.downstream
+          FROM req q
+         WHERE t.step_id = q.step_id AND t.lease_token = q.token AND t.status = 'running'
+        RETURNING t.run_id, t.step_id, t.attempt, t.name, t.worker, t.started_at, t.downstream, t.output
     ), history AS (
         INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
         SELECT d.run_id, d.step_id, d.attempt, d.name, d.worker, d.started_at, 'succeeded' FROM done d
     ), unblocked AS (
         UPDATE baton.steps n
-           SET waiting_on = n.waiting_on - 1,
-               status = CASE WHEN n.waiting_on = 1 THEN 'ready' ELSE 'blocked' END,
+           SET waiting_on = n.waiting_on - x.finished,
+               status = CASE WHEN n.waiting_on = x.finished THEN 'ready' ELSE 'blocked' END,
                run_at = greatest(n.run_at, now())
-          FROM done d
-         WHERE n.run_id = d.run_id AND n.step_no = ANY (d.downstream) AND n.status = 'blocked'
+          FROM (SELECT d.run_id, e.step_no, count(*) AS finished
+                  FROM done d, unnest(d.downstream) AS e(step_no)
+                 GROUP BY d.run_id, e.step_no) x
+         WHERE n.run_id = x.run_id AND n.step_no = x.step_no AND n.status = 'blocked'
         RETURNING n.queue, n.status
     ), counted AS (
-        -- The statement does not see its own step update, so the completing
-        -- step's output joins the other leaves' explicitly.
+        -- A statement does not see its own updates: the leaves finished here
+        -- join the run's other leaves explicitly.
         UPDATE baton.runs r
-           SET steps_left = r.steps_left - 1,
-               status = CASE WHEN r.steps_left = 1 THEN 'succeeded' ELSE r.status END,
-               finished_at = CASE WHEN r.steps_left = 1 THEN now() END,
-               output = CASE WHEN r.steps_left = 1 THEN
+           SET steps_left = r.steps_left - c.finished,
+               status = CASE WHEN r.steps_left = c.finished THEN 'succeeded' ELSE r.status END,
+               finished_at = CASE WHEN r.steps_left = c.finished THEN now() END,
+               output = CASE WHEN r.steps_left = c.finished THEN
                             coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
-                                       WHERE l.run_id = r.id AND l.downstream = '{}' AND l.step_id <> d.step_id), '{}')
-                            || CASE WHEN d.downstream = '{}' THEN jsonb_build_object(d.name, _complete.output)
-                                    ELSE '{}' END
+                                       WHERE l.run_id = r.id AND l.downstream = '{}'
+                                         AND l.step_id <> ALL (c.step_ids)), '{}') || c.leaves
                         END
-          FROM done d
-         WHERE r.id = d.run_id
-        RETURNING r.status
+          FROM (SELECT d.run_id, count(*) AS finished, array_agg(d.step_id) AS step_ids,
+                       coalesce(jsonb_object_agg(d.name, d.output) FILTER (WHERE d.downstream = '{}'), '{}') AS leaves
+                  FROM done d GROUP BY d.run_id) c
+         WHERE r.id = c.run_id
+        RETURNING r.id, r.status
     )
-    SELECT c.status,
-           (SELECT count(*) FROM (SELECT pg_notify('baton_ready', q.queue)
-                                    FROM (SELECT DISTINCT u.queue FROM unblocked u WHERE u.status = 'ready') q) x)
-      INTO run_status, notified
-      FROM counted c;
-    RETURN run_status;  -- NULL when the lease was not held
+    SELECT q.step_id, coalesce(k.status, 'lease_lost')
+      FROM req q
+      LEFT JOIN done d ON d.step_id = q.step_id
+      LEFT JOIN counted k ON k.id = d.run_id
+     WHERE (SELECT count(*) FROM (SELECT pg_notify('baton_ready', w.queue)
+                                    FROM (SELECT DISTINCT u.queue FROM unblocked u WHERE u.status = 'ready') w) x) >= 0
+     ORDER BY q.n;
 END $$;
 
 CREATE FUNCTION complete_step(step_id bigint, lease_token uuid, output jsonb DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    run_status text := baton._complete(step_id, lease_token, output);
+    run_status text;
 BEGIN
-    IF run_status IS NULL THEN
-        PERFORM baton._lease_lost(step_id);
+    SELECT c.status INTO run_status
+      FROM baton.complete_steps(ARRAY[complete_step.step_id], ARRAY[complete_step.lease_token],
+                                ARRAY[complete_step.output]) c;
+    IF run_status IS NULL OR run_status = 'lease_lost' THEN
+        PERFORM baton._lease_lost(complete_step.step_id);
     END IF;
     RETURN run_status;
-END $$;
-
--- Complete many steps in one transaction (one commit for all). A step whose
--- lease is not held is reported as 'lease_lost' and left unchanged; the others
--- complete. Returns each step's outcome: the run's status, or 'lease_lost'.
-CREATE FUNCTION complete_steps(step_ids bigint[], lease_tokens uuid[], outputs jsonb[] DEFAULT NULL)
-RETURNS TABLE(step_id bigint, status text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_variable
-DECLARE
-    i integer;
-BEGIN
-    IF cardinality(step_ids) IS DISTINCT FROM cardinality(lease_tokens)
-       OR (outputs IS NOT NULL AND cardinality(outputs) <> cardinality(step_ids)) THEN
-        RAISE EXCEPTION 'step_ids, lease_tokens and outputs must have the same length'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    FOR i IN 1 .. coalesce(cardinality(step_ids), 0) LOOP
-        step_id := step_ids[i];
-        status := coalesce(baton._complete(step_ids[i], lease_tokens[i], outputs[i]), 'lease_lost');
-        RETURN NEXT;
-    END LOOP;
 END $$;
 
 -- A worker's whole turn in one round trip and one commit: complete the steps

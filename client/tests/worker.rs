@@ -344,7 +344,11 @@ async fn transactional_step_rolls_back_when_its_lease_is_lost() {
         .unwrap();
     in_step.await.unwrap();
 
-    // Take the lease away: expire it, and let another session reclaim and finish the step.
+    // Take the lease away: expire it and claim the step from another session,
+    // in one transaction so that nobody else (the worker's own next claim, the
+    // background worker) can take the expired lease first.
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the worker go idle
+    conn.batch_execute("BEGIN").await.unwrap();
     conn.execute(
         "UPDATE baton.steps SET lease_expires_at = now() - interval '1 second' WHERE run_id = $1",
         &[&run],
@@ -358,6 +362,7 @@ async fn transactional_step_rolls_back_when_its_lease_is_lost() {
         )
         .await
         .unwrap();
+    conn.batch_execute("COMMIT").await.unwrap();
     let (step_id, token): (i64, uuid::Uuid) = (row.get(0), row.get(1));
     conn.query_one(
         "SELECT baton.complete_step($1, $2, '{\"by\": \"thief\"}')",
