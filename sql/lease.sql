@@ -136,6 +136,9 @@ AS $$
 DECLARE
     qnames text[];
     qslots integer[];
+    pass integer;
+    claimed_now integer;
+    want integer := claim_steps.max_steps;
 BEGIN
     IF claim_steps.worker IS NULL OR btrim(claim_steps.worker) = '' THEN
         RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
@@ -152,62 +155,65 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    -- Correctness never waits for the background worker: take back expired
-    -- leases of these queues before counting slots and claiming.
-    PERFORM baton._reclaim_expired(claim_steps.queues, 100);
-
-    IF EXISTS (SELECT 1 FROM baton.queues c WHERE c.name = ANY (claim_steps.queues)) THEN
-        SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
-          FROM baton._queue_slots(claim_steps.queues, claim_steps.max_steps) q;
-    ELSE
-        -- no queue here is limited or paused: the common case, no locks
-        qnames := ARRAY(SELECT DISTINCT q FROM unnest(claim_steps.queues) q WHERE q IS NOT NULL);
-        qslots := array_fill(claim_steps.max_steps, ARRAY[cardinality(qnames)]);
-    END IF;
-    IF qnames IS NULL THEN
-        RETURN;  -- every queue is paused or at its limit
-    END IF;
-
-    RETURN QUERY
-    WITH candidates AS MATERIALIZED (
-        -- per queue: an ordered scan of steps_ready, skipping rows other
-        -- claimers hold; then the best max_steps over all queues
-        SELECT c.run_id, c.step_no
-          FROM unnest(qnames, qslots) AS q(name, slots)
-         CROSS JOIN LATERAL (
-               SELECT r.run_id, r.step_no, r.step_id, r.priority, r.run_at
-                 FROM baton.steps r
-                WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
-                ORDER BY r.priority DESC, r.run_at, r.step_id
-                LIMIT q.slots
-                  FOR UPDATE SKIP LOCKED) c
-         ORDER BY c.priority DESC, c.run_at, c.step_id
-         LIMIT claim_steps.max_steps
-    ), claimed AS (
-        UPDATE baton.steps s
-           SET status = 'running',
-               attempt = s.attempt + 1,
-               worker = claim_steps.worker,
-               lease_token = gen_random_uuid(),
-               lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN claim_steps.lease
-                                               ELSE least(claim_steps.lease, s.timeout) END,
-               started_at = now()
-          FROM candidates c
-         WHERE s.run_id = c.run_id AND s.step_no = c.step_no AND s.status = 'ready'
-        RETURNING s.*
-    ), started AS (
-        UPDATE baton.runs r SET status = 'running', started_at = now()
-         WHERE r.id IN (SELECT DISTINCT run_id FROM claimed) AND r.status = 'pending'
-    )
-    SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
-           coalesce((SELECT jsonb_object_agg(u.name, u.output) FROM baton.steps u
-                      WHERE u.run_id = c.run_id AND u.step_no = ANY (c.upstream)), '{}'::jsonb),
-           coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
-                      WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
-           c.lease_expires_at
-      FROM claimed c
-      JOIN baton.runs r ON r.id = c.run_id
-     ORDER BY c.priority DESC, c.run_at, c.step_id;
+    FOR pass IN 1 .. 2 LOOP
+        IF EXISTS (SELECT 1 FROM baton.queues c WHERE c.name = ANY (claim_steps.queues)) THEN
+            SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
+              FROM baton._queue_slots(claim_steps.queues, want) q;
+        ELSE
+            -- no queue here is limited or paused: the common case, no locks
+            qnames := ARRAY(SELECT DISTINCT q FROM unnest(claim_steps.queues) q WHERE q IS NOT NULL);
+            qslots := array_fill(want, ARRAY[cardinality(qnames)]);
+        END IF;
+        IF qnames IS NOT NULL THEN  -- NULL: every queue is paused or at its limit
+            RETURN QUERY
+        WITH candidates AS MATERIALIZED (
+            -- per queue: an ordered scan of steps_ready, skipping rows other
+            -- claimers hold; then the best max_steps over all queues
+            SELECT c.run_id, c.step_no
+              FROM unnest(qnames, qslots) AS q(name, slots)
+             CROSS JOIN LATERAL (
+                   SELECT r.run_id, r.step_no, r.step_id, r.priority, r.run_at
+                     FROM baton.steps r
+                    WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
+                    ORDER BY r.priority DESC, r.run_at, r.step_id
+                    LIMIT q.slots
+                      FOR UPDATE SKIP LOCKED) c
+             ORDER BY c.priority DESC, c.run_at, c.step_id
+             LIMIT want
+        ), claimed AS (
+            UPDATE baton.steps s
+               SET status = 'running',
+                   attempt = s.attempt + 1,
+                   worker = claim_steps.worker,
+                   lease_token = gen_random_uuid(),
+                   lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN claim_steps.lease
+                                                   ELSE least(claim_steps.lease, s.timeout) END,
+                   started_at = now()
+              FROM candidates c
+             WHERE s.run_id = c.run_id AND s.step_no = c.step_no AND s.status = 'ready'
+            RETURNING s.*
+        ), started AS (
+            UPDATE baton.runs r SET status = 'running', started_at = now()
+             WHERE r.id IN (SELECT DISTINCT run_id FROM claimed) AND r.status = 'pending'
+        )
+        SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
+               coalesce((SELECT jsonb_object_agg(u.name, u.output) FROM baton.steps u
+                          WHERE u.run_id = c.run_id AND u.step_no = ANY (c.upstream)), '{}'::jsonb),
+               coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
+                          WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
+               c.lease_expires_at
+          FROM claimed c
+          JOIN baton.runs r ON r.id = c.run_id
+         ORDER BY c.priority DESC, c.run_at, c.step_id;
+        GET DIAGNOSTICS claimed_now = ROW_COUNT;
+        want := want - claimed_now;
+        END IF;
+        -- A full batch: done. A short one: take back the expired leases of
+        -- these queues and try once more, so that correctness never waits for
+        -- the background worker (and busy queues pay nothing for it).
+        EXIT WHEN want = 0 OR pass = 2;
+        EXIT WHEN baton._reclaim_expired(claim_steps.queues, 100) = 0;
+    END LOOP;
 END $$;
 
 -- Extend a lease. An attempt's lease never runs past its step's timeout.
