@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info_span, warn, Instrument};
 use uuid::Uuid;
@@ -147,57 +147,72 @@ impl Worker {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
         let mut pending: Vec<Completion> = Vec::new();
         let mut running = JoinSet::new();
+        let mut turns: JoinSet<TurnResult> = JoinSet::new();
+        let mut want_claim = true;
         tokio::pin!(shutdown);
         debug!(worker = %w.name, queues = ?w.queues, "worker started");
 
         loop {
-            // One turn: report what finished and claim for the free slots, in
-            // one round trip and one commit.
+            // Start a turn when there is something to report or room to claim:
+            // it reports what finished and claims for the free slots in one
+            // round trip and one commit. Two turns may be in flight, so that
+            // one commit's wait overlaps the next turn's work.
             while let Ok(c) = done_rx.try_recv() {
                 pending.push(c);
             }
-            let free = permits.available_permits();
-            if !pending.is_empty() || free > 0 {
-                let claimed = match turn(&w, &mut pending, free).await {
-                    Ok(steps) => steps,
-                    Err(e) => {
-                        warn!(worker = %w.name, error = %e, "claim failed; retrying after the poll interval");
-                        Vec::new()
-                    }
+            if turns.len() < TURNS_IN_FLIGHT {
+                let free = if want_claim {
+                    permits.available_permits()
+                } else {
+                    0
                 };
-                let got = claimed.len();
-                for ctx in claimed {
-                    let permit = permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closes");
-                    leases
-                        .lock()
-                        .expect("leases")
-                        .insert(ctx.step_id, ctx.lease_token);
-                    let (w, leases, done_tx) = (w.clone(), leases.clone(), done_tx.clone());
-                    running.spawn(async move {
-                        let step_id = ctx.step_id;
-                        if let Some(completion) = run_step(&w, ctx).await {
-                            let _ = done_tx.send(completion);
-                        }
-                        leases.lock().expect("leases").remove(&step_id);
-                        drop(permit);
-                    });
-                }
-                if free > 0 && got == free {
-                    continue; // a full batch: there may be more
+                let reserved = if free > 0 {
+                    permits.clone().try_acquire_many_owned(free as u32).ok()
+                } else {
+                    None
+                };
+                let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
+                if !pending.is_empty() || asked > 0 {
+                    let (w, done) = (w.clone(), std::mem::take(&mut pending));
+                    turns.spawn(async move { (turn(&w, done, asked).await, reserved, asked) });
+                    want_claim = false;
+                    continue;
                 }
             }
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = wake.notified() => {}
-                Some(c) = done_rx.recv() => pending.push(c),
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-                _ = tokio::time::sleep(w.poll_interval) => {}
+                _ = wake.notified() => want_claim = true,
+                Some(c) = done_rx.recv() => { pending.push(c); want_claim = true; }
+                Some(_) = running.join_next(), if !running.is_empty() => want_claim = true,
+                Some(finished) = turns.join_next(), if !turns.is_empty() => {
+                    let (result, mut reserved, asked) = finished.expect("a turn does not panic");
+                    match result {
+                        Ok(claimed) => {
+                            if asked > 0 && claimed.len() == asked {
+                                want_claim = true; // a full batch: there may be more
+                            }
+                            for ctx in claimed {
+                                let permit = reserved.as_mut().and_then(|p| p.split(1)).expect("a permit per claimed step");
+                                leases.lock().expect("leases").insert(ctx.step_id, ctx.lease_token);
+                                let (w, leases, done_tx) = (w.clone(), leases.clone(), done_tx.clone());
+                                running.spawn(async move {
+                                    let step_id = ctx.step_id;
+                                    if let Some(completion) = run_step(&w, ctx).await {
+                                        let _ = done_tx.send(completion);
+                                    }
+                                    leases.lock().expect("leases").remove(&step_id);
+                                    drop(permit);
+                                });
+                            }
+                        }
+                        Err(e) => warn!(worker = %w.name, error = %e, "turn failed; finished steps will run again, claiming resumes after the poll interval"),
+                    }
+                    drop(reserved); // slots not used go back
+                }
+                _ = tokio::time::sleep(w.poll_interval) => want_claim = true,
             }
         }
+        while turns.join_next().await.is_some() {} // claims in flight: their steps expire and run again
 
         // Graceful shutdown: no more claims; finish (or hand back) what runs.
         debug!(worker = %w.name, in_flight = running.len(), "worker stopping");
@@ -213,7 +228,7 @@ impl Worker {
             pending.push(c);
         }
         if !pending.is_empty() {
-            if let Err(e) = turn(&w, &mut pending, 0).await {
+            if let Err(e) = turn(&w, pending, 0).await {
                 warn!(worker = %w.name, error = %e, "could not report finished steps; they will run again");
             }
         }
@@ -241,12 +256,18 @@ struct Completion {
     output: serde_json::Value,
 }
 
+const TURNS_IN_FLIGHT: usize = 2;
+
+/// What a turn hands back: the claimed steps, the slots reserved for them,
+/// and how many it asked for.
+type TurnResult = (
+    Result<Vec<StepContext>>,
+    Option<OwnedSemaphorePermit>,
+    usize,
+);
+
 /// Complete `done` and claim up to `max` steps: `baton.complete_and_claim`.
-async fn turn(
-    w: &WorkerBuilder,
-    done: &mut Vec<Completion>,
-    max: usize,
-) -> Result<Vec<StepContext>> {
+async fn turn(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Vec<StepContext>> {
     let span = info_span!(
         "baton.claim",
         worker = %w.name, completed = done.len(), max, claimed = tracing::field::Empty
@@ -254,7 +275,7 @@ async fn turn(
     async {
         let ids: Vec<i64> = done.iter().map(|c| c.step_id).collect();
         let tokens: Vec<Uuid> = done.iter().map(|c| c.token).collect();
-        let outputs: Vec<serde_json::Value> = done.drain(..).map(|c| c.output).collect();
+        let outputs: Vec<serde_json::Value> = done.into_iter().map(|c| c.output).collect();
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
         let rows = conn
