@@ -476,6 +476,9 @@ async fn fill_history(o: &Opts, admin: &tokio_postgres::Client) {
         .batch_execute("VACUUM ANALYZE baton.runs, baton.steps, baton.attempts")
         .await
         .unwrap();
+    // Flush it all now, so that W4 measures claiming beside a big history and
+    // not the checkpoint that writing it would otherwise cause.
+    admin.batch_execute("CHECKPOINT").await.unwrap();
     println!(
         "# W4 history: {} finished steps written in {:.1} s",
         runs * 3,
@@ -539,6 +542,12 @@ async fn soak(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
     let secs = o.soak_secs;
     let retention = if o.quick { "5 seconds" } else { "1 minute" };
     let every = if o.quick { 5 } else { 10 };
+    // Start from empty tables: the soak measures what a steady load leaves behind.
+    admin
+        .batch_execute("TRUNCATE baton.runs, baton.steps, baton.attempts, baton.checkpoints")
+        .await
+        .unwrap();
+    admin.batch_execute("CHECKPOINT").await.unwrap();
     for sql in [
         format!("ALTER SYSTEM SET baton.retention = '{retention}'"),
         "ALTER SYSTEM SET baton.prune_batch = 5000".to_string(),

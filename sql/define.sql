@@ -34,7 +34,7 @@ DECLARE
 BEGIN
     PERFORM baton._require(name, 'name');
     PERFORM baton._require(definition, 'definition');
-    normalized := baton._normalize_definition(name, definition);
+    normalized := baton._normalize_definition(name, definition::text);
 
     -- Interval texts are PostgreSQL's to parse.
     FOR step IN SELECT jsonb_array_elements(normalized -> 'steps') LOOP

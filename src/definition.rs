@@ -40,9 +40,15 @@ const STEP_KEYS: &[&str] = &[
 ];
 const BACKOFF_KEYS: &[&str] = &["initial", "max", "multiplier"];
 
+/// Takes the definition as text (`jsonb::text`) and parses it here, so that
+/// JSON that PostgreSQL accepts but serde cannot represent (nesting deeper than
+/// 128, numbers beyond f64) is a clean 22023 rather than a conversion panic.
 #[pg_extern(immutable, parallel_safe, name = "_normalize_definition")]
-fn normalize_definition(workflow: &str, definition: JsonB) -> JsonB {
-    match normalize(workflow, &definition.0) {
+fn normalize_definition(workflow: &str, definition: &str) -> JsonB {
+    let parsed = serde_json::from_str::<Value>(definition)
+        .map_err(|e| format!("definition cannot be read: {e}"))
+        .and_then(|def| normalize(workflow, &def));
+    match parsed {
         Ok(v) => JsonB(v),
         Err(msg) => {
             ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, msg);

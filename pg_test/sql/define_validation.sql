@@ -106,5 +106,10 @@ SELECT v AS backoff,
 -- The error names the offending step, not just the first one.
 SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": "ok"}, {"name": "slow", "after": ["ok"], "timeout": "soon"}]}')$$) AS second_step;
 
+-- JSON that PostgreSQL accepts but the validator cannot represent (nesting
+-- past 128 levels, a number beyond double precision) is a clean 22023 too.
+SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', ('{"steps":' || repeat('[', 300) || repeat(']', 300) || '}')::jsonb)$$) AS too_deep;
+SELECT sqlstate_of($$SELECT baton.define_workflow('dv_bad', '{"steps": [{"name": "a", "max_attempts": 1e400}]}')$$) AS too_big;
+
 -- Nothing was stored for any rejected definition.
 SELECT count(*) AS stored_bad FROM baton.workflows WHERE name = 'dv_bad' OR name = '';
