@@ -52,11 +52,12 @@ BEGIN
     VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome, error);
 
     IF retryable AND s.attempt < s.max_attempts THEN
-        SELECT d -> 'backoff' INTO policy
+        -- the run's own version of the definition: a new version never
+        -- changes the backoff of runs already going
+        SELECT w.definition -> 'steps' -> s.step_no -> 'backoff' INTO policy
           FROM baton.runs r
-          JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version,
-               jsonb_array_elements(w.definition -> 'steps') d
-         WHERE r.id = s.run_id AND d ->> 'name' = s.name;
+          JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
+         WHERE r.id = s.run_id;
         initial := extract(epoch FROM (policy ->> 'initial')::interval);
         cap := extract(epoch FROM (policy ->> 'max')::interval);
         multiplier := (policy ->> 'multiplier')::float8;
@@ -74,6 +75,9 @@ BEGIN
            SET status = 'ready', run_at = now() + make_interval(secs => delay),
                worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error
          WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
+        IF delay > 0 THEN
+            PERFORM baton._wake_later(s.queue, now() + make_interval(secs => delay));
+        END IF;
         RETURN 'retrying';
     END IF;
 
@@ -169,10 +173,10 @@ BEGIN
         WITH candidates AS MATERIALIZED (
             -- per queue: an ordered scan of steps_ready, skipping rows other
             -- claimers hold; then the best max_steps over all queues
-            SELECT c.run_id, c.step_no
+            SELECT c.ctid
               FROM unnest(qnames, qslots) AS q(name, slots)
              CROSS JOIN LATERAL (
-                   SELECT r.run_id, r.step_no, r.step_id, r.priority, r.run_at
+                   SELECT r.ctid, r.step_id, r.priority, r.run_at
                      FROM baton.steps r
                     WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
                     ORDER BY r.priority DESC, r.run_at, r.step_id
@@ -190,7 +194,8 @@ BEGIN
                                                    ELSE least(claim_steps.lease, s.timeout) END,
                    started_at = now()
               FROM candidates c
-             WHERE s.run_id = c.run_id AND s.step_no = c.step_no AND s.status = 'ready'
+             -- by the locked rows' ctid: a TID scan, whatever the statistics say
+             WHERE s.ctid = c.ctid AND s.status = 'ready'
             RETURNING s.*
         ), started AS (
             UPDATE baton.runs r SET status = 'running', started_at = now()

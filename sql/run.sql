@@ -76,6 +76,9 @@ BEGIN
 
     IF start_at <= now() THEN
         PERFORM baton._notify_ready(new_id);
+    ELSE
+        PERFORM baton._wake_later(s.queue, start_at)
+           FROM (SELECT DISTINCT t.queue FROM baton.steps t WHERE t.run_id = new_id AND t.status = 'ready') s;
     END IF;
     RETURN new_id;
 END $$;
@@ -137,8 +140,10 @@ BEGIN
           LEFT JOIN baton.runs r ON x.id IS NULL AND r.workflow = workflow
                                 AND r.idempotency_key = idempotency_keys[g.i];
     END IF;
-    IF start_at <= now() AND inserted IS NOT NULL THEN
-        PERFORM pg_notify('baton_ready', q.queue)
+    IF inserted IS NOT NULL THEN
+        -- the root steps' queues: told now, or when the delayed start comes due
+        PERFORM CASE WHEN start_at <= now() THEN pg_notify('baton_ready', q.queue)
+                     ELSE baton._wake_later(q.queue, start_at) END
            FROM (SELECT DISTINCT coalesce(queue, s ->> 'queue') AS queue
                    FROM jsonb_array_elements(wf.definition -> 'steps') s
                   WHERE jsonb_array_length(s -> 'upstream') = 0) q;

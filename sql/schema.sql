@@ -87,8 +87,6 @@ CREATE TABLE steps (
 CREATE INDEX steps_step_id ON steps (step_id);
 -- The claim path: runnable steps per queue, highest priority first, then oldest.
 CREATE INDEX steps_ready ON steps (queue, priority DESC, run_at, step_id) WHERE status = 'ready';
--- Delayed steps coming due (the background worker's wake-up scan).
-CREATE INDEX steps_due ON steps (run_at) WHERE status = 'ready';
 -- Leased steps per queue: concurrency limits and lease reclaim. lease_expires_at
 -- is deliberately not indexed so that heartbeats stay HOT.
 CREATE INDEX steps_running ON steps (queue) WHERE status = 'running';
@@ -123,6 +121,23 @@ CREATE TABLE checkpoints (
     saved_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, step_id, key)
 );
+
+-- Wake-up timers: a queue gets steps that become runnable later (a retry's
+-- backoff, a delayed start); the background worker sends NOTIFY baton_ready
+-- when they come due. Written only on those delayed paths, never per claim;
+-- one row per queue and time, however many steps share them.
+CREATE TABLE timers (
+    due_at  timestamptz NOT NULL,
+    queue   text        NOT NULL,
+    PRIMARY KEY (due_at, queue)
+);
+
+CREATE FUNCTION _wake_later(queue text, due_at timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO baton.timers AS t (due_at, queue) VALUES (_wake_later.due_at, _wake_later.queue)
+    ON CONFLICT DO NOTHING;
+END $$;
 
 -- Lock classes for pg_advisory_xact_lock(class, key): per run (serializes the
 -- transitions that touch several rows of one run) and per limited queue.

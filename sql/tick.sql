@@ -2,7 +2,7 @@
 -- Each task runs in its own subtransaction: one failing task is logged as a
 -- WARNING and does not stop the others. Returns what it did, as JSON.
 
-CREATE FUNCTION _tick(since timestamptz DEFAULT NULL) RETURNS jsonb
+CREATE FUNCTION _tick() RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     at timestamptz := clock_timestamp();
@@ -19,15 +19,13 @@ BEGIN
         RAISE WARNING 'pg_baton: reclaiming expired leases failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    -- 2. Delayed steps (run_at, retry backoff) that came due since the last
-    --    round: tell idle workers of their queues.
+    -- 2. Timers of delayed steps (run_at, retry backoff) that came due: tell
+    --    idle workers of their queues.
     BEGIN
+        WITH due AS (
+            DELETE FROM baton.timers t WHERE t.due_at <= at RETURNING t.queue)
         SELECT count(*) INTO woken FROM (
-            SELECT pg_notify('baton_ready', d.queue)
-              FROM (SELECT DISTINCT s.queue FROM baton.steps s
-                     WHERE s.status = 'ready'
-                       AND s.run_at > coalesce(since, at - interval '1 minute')
-                       AND s.run_at <= at) d) n;
+            SELECT pg_notify('baton_ready', d.queue) FROM (SELECT DISTINCT queue FROM due) d) n;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: waking delayed steps failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;

@@ -1,8 +1,8 @@
 //! The background worker: one loop that keeps time for pg_baton.
 //!
-//! Each round is one short transaction that calls `baton._tick(since)`, which
-//! reclaims expired leases and wakes steps whose delay has passed (see
-//! `sql/tick.sql`). No transaction stays open between rounds. The loop sleeps on
+//! Each round is one short transaction that calls `baton._tick()`, which
+//! reclaims expired leases, wakes queues whose delayed steps came due and
+//! prunes old runs (see `sql/tick.sql`). No transaction stays open between rounds. The loop sleeps on
 //! its latch, so SIGTERM stops it at once and SIGHUP reloads `baton.interval`.
 //! Errors inside a round are caught per task by the SQL; anything else ends the
 //! process with the error in the log and the postmaster restarts it.
@@ -33,9 +33,6 @@ pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     log!("pg_baton scheduler started (database \"{database}\")");
 
-    // The end of the previous round: a delayed step that became due after it is
-    // announced with NOTIFY in the next round.
-    let mut since: Option<String> = None;
     let mut installed = true;
     loop {
         let wait = Duration::from_millis(settings::INTERVAL_MS.get().max(10) as u64);
@@ -45,33 +42,27 @@ pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let (now_installed, next) = BackgroundWorker::transaction(|| round(since.as_deref()));
+        let now_installed = BackgroundWorker::transaction(round);
         if now_installed != installed {
             installed = now_installed;
             if !installed {
                 log!("pg_baton scheduler: extension not installed in \"{database}\"; waiting for CREATE EXTENSION pg_baton");
             }
         }
-        since = next.or(since);
     }
     log!("pg_baton scheduler stopped");
 }
 
-/// One round. Returns whether the extension is installed and the time the round
-/// ran at (text, fed back as `since` next time).
-fn round(since: Option<&str>) -> (bool, Option<String>) {
+/// One round. Returns whether the extension is installed.
+fn round() -> bool {
     let installed = Spi::get_one::<bool>("SELECT to_regproc('baton._tick') IS NOT NULL")
         .ok()
         .flatten()
         .unwrap_or(false);
     if !installed {
-        return (false, None);
+        return false;
     }
-    let since_sql = match since {
-        Some(ts) => format!("'{}'::timestamptz", ts.replace('\'', "''")),
-        None => "NULL".to_string(),
-    };
-    let report = Spi::get_one::<pgrx::JsonB>(&format!("SELECT baton._tick({since_sql})::jsonb"));
+    let report = Spi::get_one::<pgrx::JsonB>("SELECT baton._tick()");
     match report {
         Ok(Some(pgrx::JsonB(report))) => {
             let reclaimed = report
@@ -91,16 +82,12 @@ fn round(since: Option<&str>) -> (bool, Option<String>) {
             if woken > 0 {
                 debug1!("pg_baton scheduler: woke {woken} queue(s) with delayed steps now due");
             }
-            let at = report
-                .get("at")
-                .and_then(|v| v.as_str())
-                .map(str::to_string);
-            (true, at)
+            true
         }
-        Ok(None) => (true, None),
+        Ok(None) => true,
         Err(e) => {
             warning!("pg_baton scheduler: round failed: {e}");
-            (true, None)
+            true
         }
     }
 }
