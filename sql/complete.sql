@@ -47,7 +47,9 @@ BEGIN
            SET status = 'succeeded', output = q.output, finished_at = now(),
                lease_token = NULL, lease_expires_at = NULL, error = NULL
           FROM req q
-         WHERE t.step_id = q.step_id AND t.lease_token = q.token AND t.status = 'running'
+         -- a token is set exactly while the step runs (steps_lease_token_running),
+         -- so the token alone says "running" and the lookup stays on steps_step_id
+         WHERE t.step_id = q.step_id AND t.lease_token = q.token
         RETURNING t.run_id, t.step_id, t.attempt, t.name, t.worker, t.started_at, t.downstream, t.output
     ), history AS (
         INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
@@ -151,7 +153,7 @@ BEGIN
 
     SELECT * INTO s FROM baton.steps t
      WHERE t.run_id = run AND t.step_id = fail_step.step_id
-       AND t.lease_token = fail_step.lease_token AND t.status = 'running'
+       AND t.lease_token = fail_step.lease_token
        FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM baton._lease_lost(fail_step.step_id);

@@ -236,7 +236,7 @@ BEGIN
     UPDATE baton.steps s
        SET lease_expires_at = CASE WHEN s.timeout IS NULL THEN now() + heartbeat.lease
                                    ELSE least(now() + heartbeat.lease, s.started_at + s.timeout) END
-     WHERE s.step_id = heartbeat.step_id AND s.lease_token = heartbeat.lease_token AND s.status = 'running'
+     WHERE s.step_id = heartbeat.step_id AND s.lease_token = heartbeat.lease_token
     RETURNING s.lease_expires_at INTO expires;
     IF NOT FOUND THEN
         PERFORM baton._lease_lost(heartbeat.step_id);
@@ -258,7 +258,7 @@ BEGIN
     END IF;
     -- FOR SHARE: a concurrent reclaim waits until this checkpoint is committed
     SELECT t.run_id, t.attempt INTO s FROM baton.steps t
-     WHERE t.step_id = checkpoint.step_id AND t.lease_token = checkpoint.lease_token AND t.status = 'running'
+     WHERE t.step_id = checkpoint.step_id AND t.lease_token = checkpoint.lease_token
        FOR SHARE;
     IF NOT FOUND THEN
         PERFORM baton._lease_lost(checkpoint.step_id);
@@ -282,7 +282,6 @@ BEGIN
        SET status = 'ready', attempt = s.attempt - 1, run_at = now(),
            worker = NULL, lease_token = NULL, lease_expires_at = NULL
      WHERE s.step_id = release_step.step_id AND s.lease_token = release_step.lease_token
-       AND s.status = 'running'
     RETURNING s.run_id INTO run;
     IF NOT FOUND THEN
         PERFORM baton._lease_lost(release_step.step_id);

@@ -78,7 +78,11 @@ CREATE TABLE steps (
     error             text,
     started_at        timestamptz,
     finished_at       timestamptz,
-    PRIMARY KEY (run_id, step_no)
+    PRIMARY KEY (run_id, step_no),
+    -- The fencing invariant: a lease token exists exactly while the step runs.
+    -- The protocol's lookups rely on it (step_id and token, no status test), so
+    -- that their plans stay on steps_step_id whatever the statistics say.
+    CONSTRAINT steps_lease_token_running CHECK ((status = 'running') = (lease_token IS NOT NULL))
 ) WITH (fillfactor = 70);
 
 -- Lookups by step id (the protocol's handle). Not unique on purpose: the

@@ -40,6 +40,18 @@ EXPLAIN (COSTS OFF)
 UPDATE baton.steps SET waiting_on = waiting_on - 1
  WHERE run_id = '00000000-0000-0000-0000-000000000001' AND step_no = ANY ('{1,2}') AND status = 'blocked';
 
+-- Completing (and heartbeat, checkpoint, fail_step) finds the step by id and
+-- token; no steps were running at ANALYZE time, which once made the planner
+-- prefer scanning the tiny steps_running index: the lookup must stay on
+-- steps_step_id however few steps the statistics say are running.
+EXPLAIN (COSTS OFF)
+UPDATE baton.steps SET output = '{}'
+ WHERE step_id = 5 AND lease_token = '00000000-0000-0000-0000-000000000001';
+
+-- The fencing invariant is enforced: a token exists exactly while a step runs.
+SELECT sqlstate_of($$UPDATE baton.steps SET lease_token = gen_random_uuid()
+                      WHERE status = 'ready' AND step_id = (SELECT min(step_id) FROM baton.steps WHERE status = 'ready')$$) AS token_without_lease;
+
 -- The claim itself still works on this data: the oldest ready steps first.
 SELECT step, input FROM baton.claim_steps('ex', max_steps => 3);
 
