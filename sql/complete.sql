@@ -25,6 +25,8 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
+    PERFORM baton._require(complete_steps.step_ids, 'step_ids');
+    PERFORM baton._require(complete_steps.lease_tokens, 'lease_tokens');
     IF cardinality(complete_steps.step_ids) IS DISTINCT FROM cardinality(complete_steps.lease_tokens)
        OR cardinality(complete_steps.outputs) <> cardinality(complete_steps.step_ids) THEN
         RAISE EXCEPTION 'step_ids, lease_tokens and outputs must have the same length'
@@ -126,6 +128,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     lost bigint[];
 BEGIN
+    IF max_steps IS NULL OR max_steps NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'max_steps must be from 0 to 1000, got %', max_steps
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT array_agg(c.step_id) INTO lost
       FROM baton.complete_steps(step_ids, lease_tokens, outputs) c WHERE c.status = 'lease_lost';
     IF lost IS NOT NULL THEN

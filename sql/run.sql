@@ -24,8 +24,8 @@ BEGIN
                    ARRAY(SELECT jsonb_array_elements_text(s -> 'upstream')::integer) AS upstream,
                    ARRAY(SELECT jsonb_array_elements_text(s -> 'downstream')::integer) AS downstream
               FROM jsonb_array_elements(_create_steps.definition -> 'steps') WITH ORDINALITY AS e(s, n)) d
-     CROSS JOIN unnest(_create_steps.run_ids) AS r(id)
-     ORDER BY r.id, d.n;
+     CROSS JOIN unnest(_create_steps.run_ids) WITH ORDINALITY AS r(id, k)
+     ORDER BY r.k, d.n;  -- step ids in enqueue order: equal-priority runs are claimed oldest first
 END $$;
 
 CREATE FUNCTION enqueue_workflow(
@@ -107,6 +107,9 @@ BEGIN
     IF idempotency_keys IS NOT NULL AND cardinality(idempotency_keys) <> n THEN
         RAISE EXCEPTION 'idempotency_keys must have one key (or NULL) per input' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF '' = ANY (idempotency_keys) THEN
+        RAISE EXCEPTION 'idempotency_keys must not contain empty keys (use NULL for none)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF queue IS NOT NULL AND btrim(queue) = '' THEN
         RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -124,7 +127,7 @@ BEGIN
     WITH ins AS (
         INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key, steps_left)
         SELECT ids[i], workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
-               coalesce(inputs[i], '{}'), nullif(idempotency_keys[i], ''), jsonb_array_length(wf.definition -> 'steps')
+               coalesce(inputs[i], '{}'), idempotency_keys[i], jsonb_array_length(wf.definition -> 'steps')
           FROM generate_series(1, n) AS i
         ON CONFLICT DO NOTHING
         RETURNING id)

@@ -53,7 +53,7 @@ pub fn register() {
         c"How long finished runs are kept before the background worker deletes them.",
         c"An interval such as '7 days'; empty keeps them forever.",
         &RETENTION,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -63,7 +63,7 @@ pub fn register() {
         &PRUNE_BATCH,
         1,
         100_000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
 }

@@ -184,3 +184,8 @@ SELECT (SELECT lease_token FROM baton.steps s WHERE s.run_id = :'chain4' AND s.n
 SELECT count(*) AS chain4_attempts FROM baton.attempts WHERE run_id = :'chain4';
 
 SELECT cancel_unfinished_runs();
+
+-- Argument checks: NULL arrays name the argument; max_steps must be 0..1000.
+SELECT sqlstate_of('SELECT * FROM baton.complete_steps(NULL, NULL)') AS null_arrays;
+SELECT sqlstate_of($$SELECT * FROM baton.complete_and_claim('{}', '{}', '{}', 'w', ARRAY['bt_none'], -1)$$) AS negative_max;
+SELECT sqlstate_of($$SELECT * FROM baton.complete_and_claim('{}', '{}', '{}', 'w', ARRAY['bt_none'], NULL)$$) AS null_max;

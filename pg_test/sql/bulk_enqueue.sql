@@ -125,3 +125,14 @@ SELECT cardinality(baton.enqueue_workflows('be_flow', ARRAY['{}', '{}']::jsonb[]
 SELECT count(*) AS with_key FROM baton.runs WHERE idempotency_key LIKE 'be-rb%';
 
 SELECT cancel_unfinished_runs();
+
+-- An empty key is an error, as in enqueue_workflow (NULL means no key).
+SELECT baton.define_workflow('be_order', '{"queue": "be_order_q", "steps": [{"name": "s"}]}') AS v \gset
+SELECT sqlstate_of($$SELECT baton.enqueue_workflows('be_order', ARRAY['{}']::jsonb[], ARRAY[''])$$) AS empty_key;
+
+-- Runs of one batch are claimed in input order (equal priority: oldest first).
+SELECT cardinality(baton.enqueue_workflows('be_order',
+         ARRAY(SELECT jsonb_build_object('i', i) FROM generate_series(1, 6) i))) AS enqueued;
+SELECT string_agg(input ->> 'i', ',') AS claim_order
+  FROM (SELECT input FROM baton.claim_steps('be_w', ARRAY['be_order_q'], 6)) c;
+SELECT cancel_unfinished_runs();

@@ -52,6 +52,26 @@ UPDATE baton.steps SET output = '{}'
 SELECT sqlstate_of($$UPDATE baton.steps SET lease_token = gen_random_uuid()
                       WHERE status = 'ready' AND step_id = (SELECT min(step_id) FROM baton.steps WHERE status = 'ready')$$) AS token_without_lease;
 
+-- The claim query as claim_steps runs it: a generic plan (its arguments are
+-- parameters), one ordered scan of steps_ready per queue; only the few
+-- candidates of all queues together are sorted.
+SET plan_cache_mode = force_generic_plan;
+PREPARE claim_candidates(text[], integer[], integer) AS
+SELECT c.run_id, c.step_no
+  FROM unnest($1, $2) AS q(name, slots)
+ CROSS JOIN LATERAL (
+       SELECT r.run_id, r.step_no, r.step_id, r.priority, r.run_at
+         FROM baton.steps r
+        WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
+        ORDER BY r.priority DESC, r.run_at, r.step_id
+        LIMIT q.slots
+          FOR UPDATE SKIP LOCKED) c
+ ORDER BY c.priority DESC, c.run_at, c.step_id
+ LIMIT $3;
+EXPLAIN (COSTS OFF) EXECUTE claim_candidates(ARRAY['default', 'other'], ARRAY[10, 10], 10);
+DEALLOCATE claim_candidates;
+RESET plan_cache_mode;
+
 -- The claim itself still works on this data: the oldest ready steps first.
 SELECT step, input FROM baton.claim_steps('ex', max_steps => 3);
 

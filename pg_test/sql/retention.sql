@@ -95,3 +95,15 @@ SELECT status, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'
 SELECT pg_temp.run_to_end('rt-old-ok') <> :'old_ok' AS new_run;
 
 SELECT cancel_unfinished_runs();
+
+-- An empty baton.retention keeps finished runs forever (superusers may set it
+-- for their own session; the background worker reads the server's value).
+SELECT baton.define_workflow('rt_forever', '{"queue": "rt_forever_q", "steps": [{"name": "s"}]}') AS v \gset
+SELECT baton.enqueue_workflow('rt_forever') AS forever_run \gset
+SELECT baton.cancel_workflow(:'forever_run');
+UPDATE baton.runs SET finished_at = now() - interval '100 years' WHERE id = :'forever_run';
+SET baton.retention = '';
+SELECT (t -> 'pruned')::int AS pruned_with_empty_retention FROM baton._tick() t;
+SELECT count(*) AS kept FROM baton.runs WHERE id = :'forever_run';
+RESET baton.retention;
+SELECT (t -> 'pruned')::int >= 1 AS pruned_again FROM baton._tick() t;
