@@ -197,11 +197,15 @@ impl Worker {
                                 let (w, leases, done_tx) = (w.clone(), leases.clone(), done_tx.clone());
                                 running.spawn(async move {
                                     let step_id = ctx.step_id;
-                                    if let Some(completion) = run_step(&w, ctx).await {
+                                    let completion = run_step(&w, ctx).await;
+                                    leases.lock().expect("leases").remove(&step_id);
+                                    // Free the slot before reporting, so that the turn
+                                    // carrying this completion can claim the next step
+                                    // (often the one it unblocks) in the same commit.
+                                    drop(permit);
+                                    if let Some(completion) = completion {
                                         let _ = done_tx.send(completion);
                                     }
-                                    leases.lock().expect("leases").remove(&step_id);
-                                    drop(permit);
                                 });
                             }
                         }
