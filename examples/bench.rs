@@ -311,9 +311,14 @@ async fn drain(
     wall
 }
 
-/// W1 / W4: workflows of 3 sequential no-op steps, drained by one worker with concurrency 8.
-async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
-    let wf = "bench_w1";
+/// Define `wf`: three sequential no-op steps a, b, c on queue `wf`; and a
+/// worker with concurrency 8 for it that counts finished runs in `done`.
+async fn three_steps(
+    client: &Client,
+    wf: &str,
+    name: String,
+    done: Arc<AtomicUsize>,
+) -> baton::WorkerBuilder {
     client
         .define_workflow(
             &WorkflowDef::new(wf)
@@ -324,21 +329,26 @@ async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
         )
         .await
         .unwrap();
-    let n = o.n(2000, 200);
-    let enqueue_per_s = enqueue_many(client, wf, n).await;
-    let done = Arc::new(AtomicUsize::new(0));
-    let d = done.clone();
-    let worker = Worker::builder(client)
-        .name(format!("bench-{label}"))
+    Worker::builder(client)
+        .name(name)
         .queues([wf])
         .concurrency(8)
         .poll_interval(Duration::from_millis(200))
         .handler(wf, "a", |_| async { Ok(()) })
         .handler(wf, "b", |_| async { Ok(()) })
         .handler(wf, "c", move |_| {
-            d.fetch_add(1, Ordering::SeqCst);
+            done.fetch_add(1, Ordering::SeqCst);
             async { Ok(()) }
-        });
+        })
+}
+
+/// W1 / W4: workflows of 3 sequential no-op steps, drained by one worker with concurrency 8.
+async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
+    let wf = "bench_w1";
+    let done = Arc::new(AtomicUsize::new(0));
+    let worker = three_steps(client, wf, format!("bench-{label}"), done.clone()).await;
+    let n = o.n(2000, 200);
+    let enqueue_per_s = enqueue_many(client, wf, n).await;
     let wall = drain(client, worker, done, n).await;
     let f = Figure {
         workflows: n,
@@ -555,28 +565,9 @@ async fn soak(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
     ] {
         admin.batch_execute(&sql).await.unwrap();
     }
-    client
-        .define_workflow(
-            &WorkflowDef::new(wf)
-                .queue(wf)
-                .step(Step::new("a"))
-                .step(Step::new("b").after(["a"]))
-                .step(Step::new("c").after(["b"])),
-        )
-        .await
-        .unwrap();
     let done = Arc::new(AtomicUsize::new(0));
-    let d = done.clone();
-    let worker = Worker::builder(client)
-        .name("bench-soak")
-        .queues([wf])
-        .concurrency(8)
-        .handler(wf, "a", |_| async { Ok(()) })
-        .handler(wf, "b", |_| async { Ok(()) })
-        .handler(wf, "c", move |_| {
-            d.fetch_add(1, Ordering::SeqCst);
-            async { Ok(()) }
-        })
+    let worker = three_steps(client, wf, "bench-soak".into(), done.clone())
+        .await
         .build();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(worker.run_until(async {

@@ -28,6 +28,27 @@ BEGIN
      ORDER BY r.k, d.n;  -- step ids in enqueue order: equal-priority runs are claimed oldest first
 END $$;
 
+-- The latest version of a workflow, for new runs (after checking the queue
+-- override): unknown workflow is 42704.
+CREATE FUNCTION _latest_version(workflow text, queue text) RETURNS baton.workflows
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    wf baton.workflows;
+BEGIN
+    PERFORM baton._require(workflow, 'workflow');
+    IF queue IS NOT NULL AND btrim(queue) = '' THEN
+        RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO wf FROM baton.workflows w
+     WHERE w.name = workflow ORDER BY w.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown workflow "%"', workflow
+            USING ERRCODE = 'undefined_object', HINT = 'Define it first with baton.define_workflow.';
+    END IF;
+    RETURN wf;
+END $$;
+
 CREATE FUNCTION enqueue_workflow(
     workflow text,
     input jsonb DEFAULT '{}',
@@ -43,20 +64,10 @@ DECLARE
     new_id uuid;
     start_at timestamptz := coalesce(run_at, now());
 BEGIN
-    PERFORM baton._require(workflow, 'workflow');
-    IF queue IS NOT NULL AND btrim(queue) = '' THEN
-        RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
     IF idempotency_key = '' THEN
         RAISE EXCEPTION 'idempotency_key must not be empty (use NULL for none)' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-
-    SELECT * INTO wf FROM baton.workflows w
-     WHERE w.name = workflow ORDER BY w.version DESC LIMIT 1;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown workflow "%"', workflow
-            USING ERRCODE = 'undefined_object', HINT = 'Define it first with baton.define_workflow.';
-    END IF;
+    wf := baton._latest_version(workflow, queue);
 
     -- ON CONFLICT waits for a racing insert of the same key to commit or roll
     -- back, so two concurrent enqueues with one key create exactly one run.
@@ -103,22 +114,13 @@ DECLARE
     inserted uuid[];
     start_at timestamptz := coalesce(run_at, now());
 BEGIN
-    PERFORM baton._require(workflow, 'workflow');
     IF idempotency_keys IS NOT NULL AND cardinality(idempotency_keys) <> n THEN
         RAISE EXCEPTION 'idempotency_keys must have one key (or NULL) per input' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF '' = ANY (idempotency_keys) THEN
         RAISE EXCEPTION 'idempotency_keys must not contain empty keys (use NULL for none)' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF queue IS NOT NULL AND btrim(queue) = '' THEN
-        RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    SELECT * INTO wf FROM baton.workflows w
-     WHERE w.name = workflow ORDER BY w.version DESC LIMIT 1;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown workflow "%"', workflow
-            USING ERRCODE = 'undefined_object', HINT = 'Define it first with baton.define_workflow.';
-    END IF;
+    wf := baton._latest_version(workflow, queue);
     IF n = 0 THEN
         RETURN '{}';
     END IF;
