@@ -49,9 +49,11 @@ BEGIN
            SET status = 'succeeded', output = q.output, finished_at = now(),
                lease_token = NULL, lease_expires_at = NULL, error = NULL
           FROM req q
-         -- a token is set exactly while the step runs (steps_lease_token_running),
-         -- so the token alone says "running" and the lookup stays on steps_step_id
-         WHERE t.step_id = q.step_id AND t.lease_token = q.token
+         -- A token is set exactly while the step runs (steps_lease_token_running),
+         -- so the token alone says "running". "= ANY (step_ids)" keeps the
+         -- lookup on steps_step_id even before the table has statistics.
+         WHERE t.step_id = ANY (complete_steps.step_ids)
+           AND t.step_id = q.step_id AND t.lease_token = q.token
         RETURNING t.run_id, t.step_id, t.attempt, t.name, t.worker, t.started_at, t.downstream, t.output
     ), history AS (
         INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
