@@ -1,6 +1,7 @@
 //! Crash recovery: a worker process is killed with SIGKILL in the middle of a
-//! step. Its lease expires, a second worker takes the step over, and the run
-//! completes. The attempt history shows both.
+//! step, after the step saved a code-first checkpoint. Its lease expires, a
+//! second worker takes the step over, gets the checkpoint back instead of
+//! redoing that part, and the run completes. The attempt history shows both.
 //!
 //!   BATON_URL=postgres://postgres@127.0.0.1:55439/baton_demo cargo run -p baton --example crash_recovery
 
@@ -23,15 +24,20 @@ fn worker(client: &Client, name: &str, crashing: bool) -> Worker {
             Ok(json!({"prepared": true}))
         })
         .handler(WORKFLOW, "long_step", move |ctx| async move {
-            println!(
-                "  [{}] long_step attempt {} started",
-                if crashing { "doomed" } else { "rescuer" },
-                ctx.attempt
-            );
+            let who = if crashing { "doomed" } else { "rescuer" };
+            println!("  [{who}] long_step attempt {} started", ctx.attempt);
+            // Runs once: a later attempt gets the saved value back.
+            let attempt = ctx.attempt;
+            let reservation: String = ctx
+                .checkpoint("reservation", || async move {
+                    Ok(format!("reserved by attempt {attempt}"))
+                })
+                .await?;
+            println!("  [{who}] reservation: {reservation}");
             if crashing {
                 tokio::time::sleep(Duration::from_secs(3600)).await; // killed before this ends
             }
-            Ok(json!({"finished_by_attempt": ctx.attempt}))
+            Ok(json!({"finished_by_attempt": ctx.attempt, "reservation": reservation}))
         })
         .build()
 }
@@ -70,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         let running: bool = conn
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM baton.workflow_steps WHERE workflow_id = $1 AND step = 'long_step' AND status = 'running')",
+                "SELECT EXISTS (SELECT 1 FROM baton.checkpoints WHERE run_id = $1 AND key = 'reservation')",
                 &[&run],
             )
             .await?
@@ -80,7 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         assert!(
             Instant::now() < deadline,
-            "the doomed worker never started long_step"
+            "the doomed worker never saved its checkpoint"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -88,7 +94,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     child.wait()?;
     let killed_at = Instant::now();
     println!(
-        "killed the worker (pid {}) with SIGKILL in the middle of long_step",
+        "killed the worker (pid {}) with SIGKILL in the middle of long_step, after its checkpoint",
         child.id()
     );
 
@@ -115,6 +121,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     stop.send(()).ok();
     rescuer.await??;
-    assert_eq!(output, json!({"long_step": {"finished_by_attempt": 2}}));
+    assert_eq!(
+        output,
+        json!({"long_step": {"finished_by_attempt": 2, "reservation": "reserved by attempt 1"}})
+    );
     Ok(())
 }
