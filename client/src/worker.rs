@@ -157,6 +157,12 @@ impl Worker {
             // it reports what finished and claims for the free slots in one
             // round trip and one commit. Two turns may be in flight, so that
             // one commit's wait overlaps the next turn's work.
+            if !running.is_empty() {
+                // Let steps that are about to finish report first, so that one
+                // turn (one commit) carries more of them. A yield, not a timer:
+                // no added latency when nothing else is ready.
+                tokio::task::yield_now().await;
+            }
             while let Ok(c) = done_rx.try_recv() {
                 pending.push(c);
             }
