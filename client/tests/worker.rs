@@ -16,6 +16,15 @@ async fn client() -> Client {
     Client::connect(&url()).await.expect("connect")
 }
 
+/// A one-step workflow on a queue of its own: (workflow, queue).
+async fn one_step(c: &Client, prefix: &str, step: &str) -> (String, String) {
+    let (wf, queue) = (unique(prefix), unique("q"));
+    c.define_workflow(&WorkflowDef::new(&wf).queue(&queue).step(Step::new(step)))
+        .await
+        .unwrap();
+    (wf, queue)
+}
+
 /// Start `worker` in the background; the returned sender stops it.
 fn spawn(
     worker: Worker,
@@ -100,11 +109,7 @@ async fn two_workers_share_a_queue_and_finish_every_run() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_steps_in_flight() {
     let c = client().await;
-    let wf = unique("drain");
-    let queue = unique("q");
-    c.define_workflow(&WorkflowDef::new(&wf).queue(&queue).step(Step::new("slow")))
-        .await
-        .unwrap();
+    let (wf, queue) = one_step(&c, "drain", "slow").await;
     let started = Arc::new(tokio::sync::Notify::new());
     let s2 = started.clone();
     let worker = Worker::builder(&c)
@@ -199,11 +204,7 @@ async fn shutdown_hands_back_steps_that_outlive_the_grace_period() {
 #[tokio::test]
 async fn notify_wakes_an_idle_worker_long_before_it_would_poll() {
     let c = client().await;
-    let wf = unique("wake");
-    let queue = unique("q");
-    c.define_workflow(&WorkflowDef::new(&wf).queue(&queue).step(Step::new("s")))
-        .await
-        .unwrap();
+    let (wf, queue) = one_step(&c, "wake", "s").await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let worker = Worker::builder(&c)
         .queues([queue.clone()])
@@ -243,11 +244,7 @@ async fn notify_wakes_an_idle_worker_long_before_it_would_poll() {
 #[tokio::test]
 async fn heartbeats_keep_a_long_step_alive() {
     let c = client().await;
-    let wf = unique("long");
-    let queue = unique("q");
-    c.define_workflow(&WorkflowDef::new(&wf).queue(&queue).step(Step::new("long")))
-        .await
-        .unwrap();
+    let (wf, queue) = one_step(&c, "long", "long").await;
     let worker = Worker::builder(&c)
         .queues([queue.clone()])
         .lease(Duration::from_millis(600))
@@ -476,11 +473,7 @@ async fn errors_are_typed() {
     assert!(matches!(err, Error::NotFound(_)));
 
     // A run's output read as the wrong type is a JSON error, not a panic.
-    let wf = unique("typed");
-    let queue = unique("q");
-    c.define_workflow(&WorkflowDef::new(&wf).queue(&queue).step(Step::new("s")))
-        .await
-        .unwrap();
+    let (wf, queue) = one_step(&c, "typed", "s").await;
     let run = c
         .enqueue(&wf, &json!({}), EnqueueOptions::default())
         .await
