@@ -9,42 +9,41 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-/// Two transactions enqueue with one idempotency key at the same time: one run.
-#[tokio::test]
-async fn idempotent_enqueue_under_a_race() {
+/// Session A enqueues with a key inside an open transaction; session B
+/// enqueues with the same key and must wait; then A ends its transaction with
+/// `end` (COMMIT or ROLLBACK). Returns A's connection, the workflow, and the run
+/// ids A and B got.
+async fn race_keyed_enqueue(end: &str) -> (tokio_postgres::Client, String, uuid::Uuid, uuid::Uuid) {
     let a = connect().await;
     let b = connect().await;
     let wf = unique("idem");
     define(&a, &wf, &unique("q"), json!([{"name": "only"}])).await;
+    let sql = "SELECT baton.enqueue_workflow($1, '{}', idempotency_key => 'k1')";
 
     a.batch_execute("BEGIN").await.unwrap();
-    let first: uuid::Uuid = a
-        .query_one(
-            "SELECT baton.enqueue_workflow($1, '{}', idempotency_key => 'k1')",
-            &[&wf],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    // b's insert waits on a's uncommitted row, then returns a's run.
+    let first: uuid::Uuid = a.query_one(sql, &[&wf]).await.unwrap().get(0);
+    // b's insert waits on a's uncommitted row
     let wf_b = wf.clone();
     let racer = tokio::spawn(async move {
-        b.query_one(
-            "SELECT baton.enqueue_workflow($1, '{}', idempotency_key => 'k1')",
-            &[&wf_b],
-        )
-        .await
-        .map(|r| r.get::<_, uuid::Uuid>(0))
+        b.query_one(sql, &[&wf_b])
+            .await
+            .map(|r| r.get::<_, uuid::Uuid>(0))
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !racer.is_finished(),
         "the second enqueue must wait for the first transaction"
     );
-    a.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute(end).await.unwrap();
     let second = racer.await.unwrap().expect("second enqueue");
-    assert_eq!(first, second);
+    (a, wf, first, second)
+}
 
+/// Two transactions enqueue with one idempotency key at the same time: one run.
+#[tokio::test]
+async fn idempotent_enqueue_under_a_race() {
+    let (a, wf, first, second) = race_keyed_enqueue("COMMIT").await;
+    assert_eq!(first, second);
     let runs: i64 = a
         .query_one(
             "SELECT count(*) FROM baton.workflow_runs WHERE workflow = $1",
@@ -67,32 +66,7 @@ async fn idempotent_enqueue_under_a_race() {
 /// If the first transaction rolls back, the racing one creates the run.
 #[tokio::test]
 async fn idempotent_enqueue_after_a_rollback() {
-    let a = connect().await;
-    let b = connect().await;
-    let wf = unique("idem_rb");
-    define(&a, &wf, &unique("q"), json!([{"name": "only"}])).await;
-
-    a.batch_execute("BEGIN").await.unwrap();
-    let first: uuid::Uuid = a
-        .query_one(
-            "SELECT baton.enqueue_workflow($1, '{}', idempotency_key => 'k')",
-            &[&wf],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let wf_b = wf.clone();
-    let racer = tokio::spawn(async move {
-        b.query_one(
-            "SELECT baton.enqueue_workflow($1, '{}', idempotency_key => 'k')",
-            &[&wf_b],
-        )
-        .await
-        .map(|r| r.get::<_, uuid::Uuid>(0))
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    a.batch_execute("ROLLBACK").await.unwrap();
-    let second = racer.await.unwrap().expect("second enqueue");
+    let (a, _wf, first, second) = race_keyed_enqueue("ROLLBACK").await;
     assert_ne!(first, second);
     assert_eq!(run_status(&a, second).await, "pending");
 }
