@@ -16,6 +16,12 @@ async fn client() -> Client {
     Client::connect(&url()).await.expect("connect")
 }
 
+/// Stop a worker started by `spawn` and check it stopped cleanly.
+async fn shut(stop: oneshot::Sender<()>, handle: tokio::task::JoinHandle<baton::Result<()>>) {
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+}
+
 /// A one-step workflow on a queue of its own: (workflow, queue).
 async fn one_step(c: &Client, prefix: &str, step: &str) -> (String, String) {
     let (wf, queue) = (unique(prefix), unique("q"));
@@ -130,8 +136,7 @@ async fn graceful_shutdown_finishes_steps_in_flight() {
         .await
         .unwrap();
     started.notified().await;
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
     let info = c.run(run).await.unwrap();
     assert_eq!(info.status, "succeeded");
     assert_eq!(info.output, Some(json!({ "slow": "finished" })));
@@ -171,8 +176,7 @@ async fn shutdown_hands_back_steps_that_outlive_the_grace_period() {
         .await
         .unwrap();
     started.notified().await;
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 
     let conn = c.pool().get().await.unwrap();
     let row = conn
@@ -195,8 +199,7 @@ async fn shutdown_hands_back_steps_that_outlive_the_grace_period() {
     let (stop, handle) = spawn(rescuer);
     let out: serde_json::Value = c.wait_for(run, Duration::from_secs(10)).await.unwrap();
     assert_eq!(out, json!({ "stuck": "rescued" }));
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 }
 
 /// An idle worker that polls only every 60 s starts a new step within a
@@ -235,8 +238,7 @@ async fn notify_wakes_an_idle_worker_long_before_it_would_poll() {
         median < Duration::from_secs(2),
         "median wake-up {median:?} vs a 60 s poll interval"
     );
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 }
 
 /// A step that runs three times longer than its lease survives on heartbeats:
@@ -271,8 +273,7 @@ async fn heartbeats_keep_a_long_step_alive() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(outcomes, vec!["succeeded".to_string()]);
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 }
 
 /// Exactly-once: the handler writes and completes in one transaction; the
@@ -385,8 +386,7 @@ async fn transactional_step_rolls_back_when_its_lease_is_lost() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 0, "the lost attempt's write rolled back");
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 }
 
 /// ctx.checkpoint runs its closure once: the attempt after a crash (here a
@@ -448,8 +448,7 @@ async fn checkpoints_replay_after_a_crashed_attempt() {
         .unwrap()
         .get(0);
     assert!(err.contains("crash after charging"), "{err}");
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 }
 
 /// Bad input surfaces as typed errors that keep their SQLSTATE.
@@ -502,8 +501,7 @@ async fn errors_are_typed() {
     c.define_workflow(&WorkflowDef::new(&wf2).queue(&queue).step(Step::new("s")))
         .await
         .unwrap();
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
     let worker = Worker::builder(&c)
         .queues([queue.clone()])
         .handler(&wf2, "s", |_| async {
@@ -522,8 +520,7 @@ async fn errors_are_typed() {
         Err(Error::RunFailed { error, .. }) => assert!(error.contains("card declined"), "{error}"),
         other => panic!("expected RunFailed, got {other:?}"),
     }
-    stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    shut(stop, handle).await;
 }
 
 /// enqueue_in: the run exists if and only if the caller's transaction commits.
