@@ -193,13 +193,15 @@ BEGIN
                    lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN claim_steps.lease
                                                    ELSE least(claim_steps.lease, s.timeout) END,
                    started_at = now()
-              FROM candidates c
-             -- by the locked rows' ctid: a TID scan, whatever the statistics say
-             WHERE s.ctid = c.ctid AND s.status = 'ready'
+             -- The plan must not depend on how many steps are ready (a generic
+             -- plan cannot know): every lookup below is written as a probe by
+             -- key, never a join the planner could turn into a scan. Here, the
+             -- locked rows by ctid: a TID scan.
+             WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c)) AND s.status = 'ready'
             RETURNING s.*
         ), started AS (
             UPDATE baton.runs r SET status = 'running', started_at = now()
-             WHERE r.id IN (SELECT DISTINCT run_id FROM claimed) AND r.status = 'pending'
+             WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
         )
         SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
                coalesce((SELECT jsonb_object_agg(u.name, u.output) FROM baton.steps u
@@ -208,7 +210,8 @@ BEGIN
                           WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
                c.lease_expires_at
           FROM claimed c
-          JOIN baton.runs r ON r.id = c.run_id
+          -- OFFSET 0 keeps this a probe of runs_pkey per claimed step
+          CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
          ORDER BY c.priority DESC, c.run_at, c.step_id;
         GET DIAGNOSTICS claimed_now = ROW_COUNT;
         want := want - claimed_now;

@@ -72,6 +72,46 @@ EXPLAIN (COSTS OFF) EXECUTE claim_candidates(ARRAY['default', 'other'], ARRAY[10
 DEALLOCATE claim_candidates;
 RESET plan_cache_mode;
 
+-- A large backlog: 3000 ready steps on one queue. A generic plan cannot know
+-- how many steps a claim takes, and once guessed "many": it then hashed the
+-- whole steps table to find the candidates again (a seq scan of all history
+-- per claim). Every lookup after the candidate scan is a probe by key: the
+-- candidates by ctid (Tid Scan), their runs by primary key.
+SELECT count(*) FROM unnest(baton.enqueue_workflows('ex_flow', array_fill('{}'::jsonb, ARRAY[3000]), queue => 'ex_backlog'));
+ANALYZE baton.steps;
+ANALYZE baton.runs;
+SET plan_cache_mode = force_generic_plan;
+PREPARE claim(text[], integer[], integer, text, interval) AS
+WITH candidates AS MATERIALIZED (
+    SELECT c.ctid
+      FROM unnest($1, $2) AS q(name, slots)
+     CROSS JOIN LATERAL (
+           SELECT r.ctid, r.step_id, r.priority, r.run_at
+             FROM baton.steps r
+            WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
+            ORDER BY r.priority DESC, r.run_at, r.step_id
+            LIMIT q.slots
+              FOR UPDATE SKIP LOCKED) c
+     ORDER BY c.priority DESC, c.run_at, c.step_id
+     LIMIT $3
+), claimed AS (
+    UPDATE baton.steps s
+       SET status = 'running', attempt = s.attempt + 1, worker = $4, lease_token = gen_random_uuid(),
+           lease_expires_at = now() + $5, started_at = now()
+     WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c)) AND s.status = 'ready'
+    RETURNING s.*
+), started AS (
+    UPDATE baton.runs r SET status = 'running', started_at = now()
+     WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
+)
+SELECT c.step_id, r.workflow, r.input
+  FROM claimed c
+  CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
+ ORDER BY c.priority DESC, c.run_at, c.step_id;
+EXPLAIN (COSTS OFF) EXECUTE claim(ARRAY['ex_backlog'], ARRAY[8], 8, 'w', '30 seconds');
+DEALLOCATE claim;
+RESET plan_cache_mode;
+
 -- The claim itself still works on this data: the oldest ready steps first.
 SELECT step, input FROM baton.claim_steps('ex', max_steps => 3);
 
