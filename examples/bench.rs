@@ -235,17 +235,19 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
         tasks.push(tokio::spawn(async move {
             let mut db = raw(&url).await;
             let id = c as i32;
-            for _ in 0..per_client {
-                let tx = db.transaction().await.unwrap();
-                tx.execute("UPDATE bench_floor SET n = n + 1 WHERE id = $1", &[&id])
-                    .await
-                    .unwrap();
-                tx.execute(
-                    "INSERT INTO bench_log (client, at) VALUES ($1, now())",
-                    &[&id],
-                )
+            // prepared once, as the worker prepares its turn once per connection
+            let update = db
+                .prepare("UPDATE bench_floor SET n = n + 1 WHERE id = $1")
                 .await
                 .unwrap();
+            let insert = db
+                .prepare("INSERT INTO bench_log (client, at) VALUES ($1, now())")
+                .await
+                .unwrap();
+            for _ in 0..per_client {
+                let tx = db.transaction().await.unwrap();
+                tx.execute(&update, &[&id]).await.unwrap();
+                tx.execute(&insert, &[&id]).await.unwrap();
                 tx.commit().await.unwrap();
             }
         }));

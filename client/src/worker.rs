@@ -288,12 +288,15 @@ async fn turn(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Ve
         let outputs: Vec<serde_json::Value> = done.into_iter().map(|c| c.output).collect();
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
-        let rows = conn
-            .query(
+        // prepared once per connection: a turn is one round trip
+        let stmt = conn
+            .prepare_cached(
                 "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
                  FROM baton.complete_and_claim($1, $2, $3, $4, $5, $6, make_interval(secs => $7))",
-                &[&ids, &tokens, &outputs, &w.name, &w.queues, &(max as i32), &lease],
             )
+            .await?;
+        let rows = conn
+            .query(&stmt, &[&ids, &tokens, &outputs, &w.name, &w.queues, &(max as i32), &lease])
             .await?;
         tracing::Span::current().record("claimed", rows.len());
         Ok(rows
@@ -375,11 +378,11 @@ async fn run_step(w: &WorkerBuilder, ctx: StepContext) -> Option<Completion> {
 
 async fn fail(w: &WorkerBuilder, step_id: i64, token: Uuid, e: &StepError) -> Result<()> {
     let conn = w.client.pool().get().await?;
-    conn.query_one(
-        "SELECT baton.fail_step($1, $2, $3, $4)",
-        &[&step_id, &token, &e.message, &e.retryable],
-    )
-    .await?;
+    let stmt = conn
+        .prepare_cached("SELECT baton.fail_step($1, $2, $3, $4)")
+        .await?;
+    conn.query_one(&stmt, &[&step_id, &token, &e.message, &e.retryable])
+        .await?;
     Ok(())
 }
 
@@ -393,11 +396,10 @@ async fn keep_alive(w: &WorkerBuilder, step_id: i64, token: Uuid) {
         tokio::time::sleep(every).await;
         let beat = async {
             let conn = w.client.pool().get().await?;
-            conn.query_one(
-                "SELECT baton.heartbeat($1, $2, make_interval(secs => $3))",
-                &[&step_id, &token, &lease],
-            )
-            .await?;
+            let stmt = conn
+                .prepare_cached("SELECT baton.heartbeat($1, $2, make_interval(secs => $3))")
+                .await?;
+            conn.query_one(&stmt, &[&step_id, &token, &lease]).await?;
             Ok::<_, Error>(())
         };
         match beat.await {
