@@ -84,13 +84,7 @@ BEGIN
     END IF;
 
     PERFORM baton._create_steps(ARRAY[new_id], wf.definition, queue, priority, start_at);
-
-    IF start_at <= now() THEN
-        PERFORM baton._notify_ready(new_id);
-    ELSE
-        PERFORM baton._wake_later(s.queue, start_at)
-           FROM (SELECT DISTINCT t.queue FROM baton.steps t WHERE t.run_id = new_id AND t.status = 'ready') s;
-    END IF;
+    PERFORM baton._announce_roots(wf.definition, queue, start_at);
     RETURN new_id;
 END $$;
 
@@ -146,14 +140,22 @@ BEGIN
                                 AND r.idempotency_key = idempotency_keys[g.i];
     END IF;
     IF inserted IS NOT NULL THEN
-        -- the root steps' queues: told now, or when the delayed start comes due
-        PERFORM CASE WHEN start_at <= now() THEN pg_notify('baton_ready', q.queue)
-                     ELSE baton._wake_later(q.queue, start_at) END
-           FROM (SELECT DISTINCT coalesce(queue, s ->> 'queue') AS queue
-                   FROM jsonb_array_elements(wf.definition -> 'steps') s
-                  WHERE jsonb_array_length(s -> 'upstream') = 0) q;
+        PERFORM baton._announce_roots(wf.definition, queue, start_at);
     END IF;
     RETURN ids;
+END $$;
+
+-- Tell workers about the root steps of new runs: NOTIFY their queues now, or
+-- set a timer for a delayed start. Read from the definition, not from the
+-- steps table: enqueueing must not look at the ready backlog, however large.
+CREATE FUNCTION _announce_roots(definition jsonb, queue text, start_at timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM CASE WHEN start_at <= now() THEN pg_notify('baton_ready', q.queue)
+                 ELSE baton._wake_later(q.queue, start_at) END
+       FROM (SELECT DISTINCT coalesce(_announce_roots.queue, s ->> 'queue') AS queue
+               FROM jsonb_array_elements(definition -> 'steps') s
+              WHERE jsonb_array_length(s -> 'upstream') = 0) q;
 END $$;
 
 -- NOTIFY baton_ready (payload: queue name) for each queue that has ready steps
@@ -161,9 +163,14 @@ END $$;
 CREATE FUNCTION _notify_ready(run_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- The run's steps by primary key, then filtered: "OFFSET 0" keeps the
+    -- planner from combining this with steps_ready, which would read every
+    -- ready step of every run (a bitmap of the whole backlog).
     PERFORM pg_notify('baton_ready', q.queue)
-       FROM (SELECT DISTINCT s.queue FROM baton.steps s
-              WHERE s.run_id = _notify_ready.run_id AND s.status = 'ready' AND s.run_at <= now()) q;
+       FROM (SELECT DISTINCT s.queue
+               FROM (SELECT t.queue, t.status, t.run_at FROM baton.steps t
+                      WHERE t.run_id = _notify_ready.run_id OFFSET 0) s
+              WHERE s.status = 'ready' AND s.run_at <= now()) q;
 END $$;
 
 -- End a run as failed or cancelled: every unfinished step is cancelled (a

@@ -78,6 +78,19 @@ RESET plan_cache_mode;
 -- per claim). Every lookup after the candidate scan is a probe by key: the
 -- candidates by ctid (Tid Scan), their runs by primary key.
 SELECT count(*) FROM unnest(baton.enqueue_workflows('ex_flow', array_fill('{}'::jsonb, ARRAY[3000]), queue => 'ex_backlog'));
+-- Which queues of one run have ready steps (_notify_ready, after a retry or a
+-- release): the run's steps by primary key, also while the statistics still
+-- say that few steps are ready (the backlog came faster than ANALYZE). Left to
+-- the planner, it then read the whole backlog through steps_ready: 2.8 ms per
+-- enqueue at 32,000 ready steps.
+SET plan_cache_mode = force_generic_plan;
+PREPARE ready_queues(uuid) AS
+SELECT DISTINCT s.queue
+  FROM (SELECT t.queue, t.status, t.run_at FROM baton.steps t WHERE t.run_id = $1 OFFSET 0) s
+ WHERE s.status = 'ready' AND s.run_at <= now();
+EXPLAIN (COSTS OFF) EXECUTE ready_queues('00000000-0000-0000-0000-000000000001');
+DEALLOCATE ready_queues;
+RESET plan_cache_mode;
 ANALYZE baton.steps;
 ANALYZE baton.runs;
 SET plan_cache_mode = force_generic_plan;
