@@ -196,8 +196,11 @@ BEGIN
              -- The plan must not depend on how many steps are ready (a generic
              -- plan cannot know): every lookup below is written as a probe by
              -- key, never a join the planner could turn into a scan. Here, the
-             -- locked rows by ctid: a TID scan.
-             WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c)) AND s.status = 'ready'
+             -- locked rows by ctid: a TID scan. No status test: the rows were
+             -- checked to be ready under the lock we hold, and a status test
+             -- would let the planner walk steps_ready instead, which statistics
+             -- taken before a backlog arrived make look empty.
+             WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c))
             RETURNING s.*
         ), started AS (
             UPDATE baton.runs r SET status = 'running', started_at = now()

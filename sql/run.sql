@@ -119,7 +119,7 @@ BEGIN
         RETURN '{}';
     END IF;
 
-    ids := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, n));
+    ids := ARRAY(SELECT baton._run_id() FROM generate_series(1, n));
     WITH ins AS (
         INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key, steps_left)
         SELECT ids[i], workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),

@@ -26,7 +26,8 @@ CREATE TABLE queues (
 );
 
 CREATE TABLE runs (
-    id               uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    -- time-ordered (src/ids.rs): new runs sit together in every index by run id
+    id               uuid        NOT NULL DEFAULT baton._run_id() PRIMARY KEY,
     workflow         text        NOT NULL,
     version          integer     NOT NULL,
     status           text        NOT NULL DEFAULT 'pending'

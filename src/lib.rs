@@ -8,13 +8,19 @@
 use pgrx::prelude::*;
 
 mod definition;
+mod ids;
 mod settings;
 mod worker;
 
 ::pgrx::pg_module_magic!();
 
 // The SQL files, in dependency order. Each one is a single concern; see README.
-extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+// schema.sql comes first; it needs only the run id generator.
+extension_sql_file!(
+    "../sql/schema.sql",
+    name = "schema",
+    requires = [ids::run_id]
+);
 extension_sql_file!(
     "../sql/define.sql",
     name = "define",
