@@ -107,11 +107,12 @@ BEGIN
     LOOP
         -- run lock first, then the row (the order every multi-row transition uses)
         CONTINUE WHEN NOT baton._try_lock_run(candidate.run_id);
+        -- by primary key, then checked: a status test in the query could send
+        -- the planner through steps_running, a walk of every leased step
         SELECT * INTO s FROM baton.steps e
          WHERE e.run_id = candidate.run_id AND e.step_no = candidate.step_no
-           AND e.status = 'running' AND e.lease_expires_at < now()
            FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        CONTINUE WHEN NOT FOUND OR s.status <> 'running' OR s.lease_expires_at >= now();
         IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
             PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8), true, false);
         ELSE

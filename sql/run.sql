@@ -189,7 +189,7 @@ BEGIN
     INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
     SELECT s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'cancelled',
            'run ' || status
-      FROM baton.steps s WHERE s.run_id = run_id AND s.status = 'running';
+      FROM baton.steps s WHERE s.run_id = run_id AND s.lease_token IS NOT NULL;  -- running (the CHECK), by primary key
 
     UPDATE baton.steps s
        SET status = 'cancelled', finished_at = now(), lease_token = NULL, lease_expires_at = NULL
