@@ -148,6 +148,7 @@ async fn main() {
     let mut w2 = None;
     if o.runs("W2") {
         w2 = Some(latency(&o, &client).await);
+        latency_sql(&o, &client).await;
     }
     if o.runs("W3") {
         enqueue(&o, &client).await;
@@ -291,6 +292,16 @@ async fn enqueue_many(client: &Client, workflow: &str, n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Vacuum and analyze before a drain is timed, so that autovacuum cleaning up
+/// after the previous workload, or auto-analyze noticing the new backlog, does
+/// not run inside the measurement (on 2 cores it takes one of them).
+async fn settle(client: &Client) {
+    let conn = client.pool().get().await.unwrap();
+    conn.batch_execute("VACUUM ANALYZE baton.runs, baton.steps, baton.attempts")
+        .await
+        .unwrap();
+}
+
 /// Run a no-op worker until `expect` runs have finished their last step.
 async fn drain(
     client: &Client,
@@ -351,6 +362,7 @@ async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
     let worker = three_steps(client, wf, format!("bench-{label}"), done.clone()).await;
     let n = o.n(2000, 200);
     let enqueue_per_s = enqueue_many(client, wf, n).await;
+    settle(client).await;
     let wall = drain(client, worker, done, n).await;
     let f = Figure {
         workflows: n,
@@ -389,6 +401,7 @@ async fn latency(o: &Opts, client: &Client) -> Figure {
         .enqueue(wf, &json!({}), EnqueueOptions::default())
         .await
         .unwrap();
+    settle(client).await;
     let wall = drain(client, worker, done, 1).await;
     let f = Figure {
         workflows: 1,
@@ -397,6 +410,50 @@ async fn latency(o: &Opts, client: &Client) -> Figure {
         enqueue_per_s: 0.0,
     };
     f.print("W2", "");
+    f
+}
+
+/// W2 again, driven by a bare loop on one connection, as a worker in any
+/// language can be: one prepared complete_and_claim per step. The difference
+/// to W2 is what the Rust worker adds (tasks, channels, heartbeats).
+async fn latency_sql(o: &Opts, client: &Client) -> Figure {
+    let wf = "bench_w2";
+    let n = o.n(200, 50);
+    client
+        .enqueue(wf, &json!({}), EnqueueOptions::default())
+        .await
+        .unwrap();
+    settle(client).await;
+    let conn = client.pool().get().await.unwrap();
+    let turn = conn
+        .prepare(
+            "SELECT step_id, lease_token FROM baton.complete_and_claim($1, $2, $3, 'bench-W2-sql', ARRAY[$4], 1)",
+        )
+        .await
+        .unwrap();
+    let (mut ids, mut tokens) = (Vec::<i64>::new(), Vec::<uuid::Uuid>::new());
+    let start = Instant::now();
+    for i in 0..=n {
+        let outputs: Vec<serde_json::Value> = ids.iter().map(|_| json!({})).collect();
+        let rows = conn
+            .query(&turn, &[&ids, &tokens, &outputs, &wf])
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.len(),
+            usize::from(i < n),
+            "the next step is claimed with the completion"
+        );
+        ids = rows.iter().map(|r| r.get(0)).collect();
+        tokens = rows.iter().map(|r| r.get(1)).collect();
+    }
+    let f = Figure {
+        workflows: 1,
+        steps: n,
+        wall_s: start.elapsed().as_secs_f64(),
+        enqueue_per_s: 0.0,
+    };
+    f.print("W2_sql", "");
     f
 }
 
