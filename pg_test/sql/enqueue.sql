@@ -94,5 +94,16 @@ SELECT baton.enqueue_workflow('eq_flow', run_at => now() + interval '1 hour') AS
 SELECT name, status, run_at > now() + interval '59 minutes' AS delayed
   FROM baton.steps WHERE run_id = :'later' ORDER BY step_id;
 
+-- Run ids are time-ordered UUIDs (version 7), from both enqueue functions:
+-- each id sorts after the ones created before it.
+SELECT baton.enqueue_workflow('eq_flow') AS first_id \gset
+SELECT ids FROM (SELECT baton.enqueue_workflows('eq_flow', ARRAY['{}', '{}']::jsonb[]) AS ids) x \gset
+SELECT baton.enqueue_workflow('eq_flow') AS last_id \gset
+SELECT substr(:'first_id', 15, 1) AS version,
+       substr((:'ids'::uuid[])[1]::text, 15, 1) AS bulk_version,
+       :'first_id'::uuid < (:'ids'::uuid[])[1]
+         AND (:'ids'::uuid[])[1] < (:'ids'::uuid[])[2]
+         AND (:'ids'::uuid[])[2] < :'last_id'::uuid AS in_creation_order;
+
 -- Leave nothing unfinished for later tests.
 SELECT cancel_unfinished_runs();
