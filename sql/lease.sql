@@ -112,7 +112,7 @@ BEGIN
         SELECT * INTO s FROM baton.steps e
          WHERE e.run_id = candidate.run_id AND e.step_no = candidate.step_no
            FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND OR s.status <> 'running' OR s.lease_expires_at >= now();
+        CONTINUE WHEN NOT FOUND OR NOT coalesce(s.status = 'running' AND s.lease_expires_at < now(), false);
         IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
             PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8), true, false);
         ELSE
@@ -197,10 +197,13 @@ BEGIN
              -- The plan must not depend on how many steps are ready (a generic
              -- plan cannot know): every lookup below is written as a probe by
              -- key, never a join the planner could turn into a scan. Here, the
-             -- locked rows by ctid: a TID scan. No status test: the rows were
-             -- checked to be ready under the lock we hold, and a status test
-             -- would let the planner walk steps_ready instead, which statistics
-             -- taken before a backlog arrived make look empty.
+             -- locked rows by ctid: a TID scan. No status test: a candidate
+             -- was ready in this statement's snapshot and is locked by us, so
+             -- nobody changed it since; a newer version that the lock found
+             -- (changed after our snapshot) is invisible to the TID scan and
+             -- skipped. A status test would let the planner walk steps_ready
+             -- instead, which statistics taken before a backlog arrived make
+             -- look empty.
              WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c))
             RETURNING s.*
         ), started AS (
