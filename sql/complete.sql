@@ -151,7 +151,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     run uuid := baton._run_of(fail_step.step_id);
     s baton.steps;
-    result text;
 BEGIN
     PERFORM baton._require(fail_step.error, 'error');
     IF run IS NULL OR fail_step.lease_token IS NULL THEN
@@ -167,9 +166,5 @@ BEGIN
         PERFORM baton._lease_lost(fail_step.step_id);
     END IF;
 
-    result := baton._end_attempt(s, 'failed', fail_step.error, coalesce(fail_step.retryable, true));
-    IF result = 'retrying' THEN
-        PERFORM baton._notify_ready(s.run_id);
-    END IF;
-    RETURN result;
+    RETURN baton._end_attempt(s, 'failed', fail_step.error, coalesce(fail_step.retryable, true));
 END $$;

@@ -75,8 +75,11 @@ BEGIN
            SET status = 'ready', run_at = now() + make_interval(secs => delay),
                worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error
          WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
+        -- workers hear of it when it is due: now, or by a timer
         IF delay > 0 THEN
             PERFORM baton._wake_later(s.queue, now() + make_interval(secs => delay));
+        ELSE
+            PERFORM pg_notify('baton_ready', s.queue);
         END IF;
         RETURN 'retrying';
     END IF;
@@ -118,7 +121,6 @@ BEGIN
         ELSE
             PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker), true, false);
         END IF;
-        PERFORM baton._notify_ready(s.run_id);
         reclaimed := reclaimed + 1;
     END LOOP;
     RETURN reclaimed;
@@ -286,15 +288,15 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    run uuid;
+    ready_on text;
 BEGIN
     UPDATE baton.steps s
        SET status = 'ready', attempt = s.attempt - 1, run_at = now(),
            worker = NULL, lease_token = NULL, lease_expires_at = NULL
      WHERE s.step_id = release_step.step_id AND s.lease_token = release_step.lease_token
-    RETURNING s.run_id INTO run;
+    RETURNING s.queue INTO ready_on;
     IF NOT FOUND THEN
         PERFORM baton._lease_lost(release_step.step_id);
     END IF;
-    PERFORM baton._notify_ready(run);
+    PERFORM pg_notify('baton_ready', ready_on);
 END $$;

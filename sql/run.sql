@@ -158,21 +158,6 @@ BEGIN
               WHERE jsonb_array_length(s -> 'upstream') = 0) q;
 END $$;
 
--- NOTIFY baton_ready (payload: queue name) for each queue that has ready steps
--- in this run. Postgres folds identical notifications of one transaction.
-CREATE FUNCTION _notify_ready(run_id uuid) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    -- The run's steps by primary key, then filtered: "OFFSET 0" keeps the
-    -- planner from combining this with steps_ready, which would read every
-    -- ready step of every run (a bitmap of the whole backlog).
-    PERFORM pg_notify('baton_ready', q.queue)
-       FROM (SELECT DISTINCT s.queue
-               FROM (SELECT t.queue, t.status, t.run_at FROM baton.steps t
-                      WHERE t.run_id = _notify_ready.run_id OFFSET 0) s
-              WHERE s.status = 'ready' AND s.run_at <= now()) q;
-END $$;
-
 -- End a run as failed or cancelled: every unfinished step is cancelled (a
 -- running one loses its lease, recorded as a cancelled attempt).
 -- The caller holds the run lock (baton._lock_run).

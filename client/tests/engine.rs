@@ -434,6 +434,23 @@ async fn notify_wakes_listeners() {
         wait_for_payload(&mut rx, &queue, Duration::from_secs(5)).await,
         "no NOTIFY for downstream step"
     );
+
+    // A step handed back is ready again at once, and said so.
+    let s = claim(&c, "w", &queue, 1, "30 seconds").await.remove(0);
+    c.execute("SELECT baton.release_step($1, $2)", &[&s.step_id, &s.token])
+        .await
+        .unwrap();
+    assert!(
+        wait_for_payload(&mut rx, &queue, Duration::from_secs(5)).await,
+        "no NOTIFY for a released step"
+    );
+
+    // So is a step whose lease expired, retried at once by the background worker.
+    claim(&c, "w", &queue, 1, "200 milliseconds").await;
+    assert!(
+        wait_for_payload(&mut rx, &queue, Duration::from_secs(10)).await,
+        "no NOTIFY for a reclaimed step"
+    );
 }
 
 /// A step delayed by run_at is announced by the background worker when due.

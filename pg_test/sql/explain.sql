@@ -63,17 +63,6 @@ SELECT cancel_unfinished_runs();
 ANALYZE baton.steps;
 ANALYZE baton.runs;
 SELECT count(*) FROM unnest(baton.enqueue_workflows('ex_flow', array_fill('{}'::jsonb, ARRAY[3000]), queue => 'ex_backlog'));
--- Which queues of one run have ready steps (_notify_ready, after a retry or a
--- release): the run's steps by primary key. Left to the planner, it read the
--- whole backlog through steps_ready (enqueue used the same query then: 2.8 ms
--- per enqueue at 32,000 ready steps).
-SET plan_cache_mode = force_generic_plan;
-PREPARE ready_queues(uuid) AS
-SELECT DISTINCT s.queue
-  FROM (SELECT t.queue, t.status, t.run_at FROM baton.steps t WHERE t.run_id = $1 OFFSET 0) s
- WHERE s.status = 'ready' AND s.run_at <= now();
-EXPLAIN (COSTS OFF) EXECUTE ready_queues('00000000-0000-0000-0000-000000000001');
-DEALLOCATE ready_queues;
 -- The claim as claim_steps runs it (a generic plan: its arguments are
 -- parameters): one ordered scan of steps_ready per queue, and only the few
 -- candidates of all queues together are sorted. After that every lookup is a
@@ -81,6 +70,7 @@ DEALLOCATE ready_queues;
 -- primary key. A claim once found its candidates again by walking steps_ready
 -- (which these statistics say is empty), or by hashing all of steps when a
 -- generic plan guessed the claim large: either way a scan per claim.
+SET plan_cache_mode = force_generic_plan;
 PREPARE claim(text[], integer[], integer, text, interval) AS
 WITH candidates AS MATERIALIZED (
     SELECT c.ctid
