@@ -302,26 +302,71 @@ async fn settle(client: &Client) {
         .unwrap();
 }
 
-/// Run a no-op worker until `expect` runs have finished their last step.
-async fn drain(
+/// A no-op worker running in the background until `stop`.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<baton::Result<()>>,
+}
+
+impl Running {
+    fn start(worker: baton::WorkerBuilder) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(worker.build().run_until(async {
+            let _ = stopped.await;
+        }));
+        Running { stop, handle }
+    }
+    async fn stop(self) {
+        self.stop.send(()).ok();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+async fn wait_for(done: &AtomicUsize, n: usize) {
+    while done.load(Ordering::SeqCst) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn pause(client: &Client, queue: &str, paused: bool) {
+    let conn = client.pool().get().await.unwrap();
+    conn.execute("SELECT baton.configure_queue($1, paused => $2)", &[&queue, &paused])
+        .await
+        .unwrap();
+}
+
+/// The timed part of W1, W2 and W4, in the steady state that W0 measures too
+/// (its statements are prepared before its clock starts): the worker first
+/// runs `warm_up` (it plans its statements and fills its caches on each
+/// connection, some tens of milliseconds), then its queue is paused while
+/// `work` is enqueued and the tables are vacuumed. The clock runs from
+/// unpausing (the worker hears of it by NOTIFY) until `expect` more runs
+/// have finished. Returns the drain's wall time and what `work` returned.
+async fn drain<W, E>(
     client: &Client,
     worker: baton::WorkerBuilder,
-    done: Arc<AtomicUsize>,
+    queue: &str,
+    done: &AtomicUsize,
+    warm_up: W,
+    work: E,
     expect: usize,
-) -> f64 {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+) -> (f64, f64)
+where
+    W: std::future::Future<Output = usize>,
+    E: std::future::Future<Output = f64>,
+{
+    let running = Running::start(worker);
+    let warm = warm_up.await;
+    wait_for(done, warm).await;
+    pause(client, queue, true).await;
+    let result = work.await;
+    settle(client).await;
     let start = Instant::now();
-    let handle = tokio::spawn(worker.build().run_until(async {
-        let _ = stopped.await;
-    }));
-    while done.load(Ordering::SeqCst) < expect {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    pause(client, queue, false).await;
+    wait_for(done, warm + expect).await;
     let wall = start.elapsed().as_secs_f64();
-    stop.send(()).ok();
-    handle.await.unwrap().unwrap();
-    let _ = client;
-    wall
+    running.stop().await;
+    (wall, result)
 }
 
 /// Define `wf`: three sequential no-op steps a, b, c on queue `wf`; and a
@@ -361,9 +406,20 @@ async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
     let done = Arc::new(AtomicUsize::new(0));
     let worker = three_steps(client, wf, format!("bench-{label}"), done.clone()).await;
     let n = o.n(2000, 200);
-    let enqueue_per_s = enqueue_many(client, wf, n).await;
-    settle(client).await;
-    let wall = drain(client, worker, done, n).await;
+    let warm = 50;
+    let (wall, enqueue_per_s) = drain(
+        client,
+        worker,
+        wf,
+        &done,
+        async {
+            enqueue_many(client, wf, warm).await;
+            warm
+        },
+        enqueue_many(client, wf, n),
+        n,
+    )
+    .await;
     let f = Figure {
         workflows: n,
         steps: n * 3,
@@ -397,12 +453,29 @@ async fn latency(o: &Opts, client: &Client) -> Figure {
             async { Ok(()) }
         });
     }
-    client
-        .enqueue(wf, &json!({}), EnqueueOptions::default())
-        .await
-        .unwrap();
-    settle(client).await;
-    let wall = drain(client, worker, done, 1).await;
+    let one_run = || async {
+        client
+            .enqueue(wf, &json!({}), EnqueueOptions::default())
+            .await
+            .unwrap();
+    };
+    // warm-up: one run of the same workflow
+    let (wall, _) = drain(
+        client,
+        worker,
+        wf,
+        &done,
+        async {
+            one_run().await;
+            1
+        },
+        async {
+            one_run().await;
+            0.0
+        },
+        1,
+    )
+    .await;
     let f = Figure {
         workflows: 1,
         steps: n,
@@ -517,26 +590,28 @@ async fn enqueue(o: &Opts, client: &Client) {
         .unwrap();
 }
 
-/// W4's history: finished runs of bench_w1 (3 steps each, one attempt per
-/// step) written straight into the tables, 1,000,000 steps in all.
+/// W4's history: finished runs of bench_w1 (3 steps each) written straight
+/// into the tables, 1,000,000 steps in all. As in real history, a few steps
+/// (1 in 100) succeeded at the second attempt: the first is in `attempts`.
 async fn fill_history(o: &Opts, admin: &tokio_postgres::Client) {
     let runs = (o.n(1_000_000, 60_000) / 3) as i64;
     let start = Instant::now();
     admin
         .execute(
-            "WITH r AS (
+            "WITH g AS MATERIALIZED (SELECT gen_random_uuid() AS id, n FROM generate_series(1, $1::bigint) n),
+             r AS (
                INSERT INTO baton.runs (id, workflow, version, status, queue, input, output, steps_left, created_at, started_at, finished_at)
-               SELECT gen_random_uuid(), 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', 0, now(), now(), now()
-                 FROM generate_series(1, $1::bigint) RETURNING id),
+               SELECT g.id, 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', 0, now(), now(), now() FROM g),
              s AS (
                INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on, queue, priority,
                                         run_at, attempt, max_attempts, worker, started_at, finished_at)
-               SELECT r.id, k, 'abc'::text, 'succeeded', CASE WHEN k = 0 THEN '{}' ELSE ARRAY[k - 1] END,
-                      CASE WHEN k = 2 THEN '{}' ELSE ARRAY[k + 1] END, 0, 'bench_w1', 0, now(), 1, 3, 'history', now(), now()
-                 FROM r, generate_series(0, 2) k
-               RETURNING run_id, step_id)
-             INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome)
-             SELECT run_id, step_id, 1, 'x', 'history', now(), 'succeeded' FROM s",
+               SELECT g.id, k, 'abc'::text, 'succeeded', CASE WHEN k = 0 THEN '{}' ELSE ARRAY[k - 1] END,
+                      CASE WHEN k = 2 THEN '{}' ELSE ARRAY[k + 1] END, 0, 'bench_w1', 0, now(),
+                      CASE WHEN g.n % 33 = 0 AND k = 0 THEN 2 ELSE 1 END, 3, 'history', now(), now()
+                 FROM g, generate_series(0, 2) k
+               RETURNING run_id, step_id, attempt)
+             INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
+             SELECT run_id, step_id, 1, 'a', 'history', now(), 'failed', 'boom' FROM s WHERE attempt = 2",
             &[&runs],
         )
         .await

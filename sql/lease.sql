@@ -49,7 +49,7 @@ DECLARE
     delay float8;
 BEGIN
     INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
-    VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome, error);
+    VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome::baton.attempt_outcome, error);
 
     IF retryable AND s.attempt < s.max_attempts THEN
         -- the run's own version of the definition: a new version never
@@ -126,53 +126,61 @@ BEGIN
     RETURN reclaimed;
 END $$;
 
-CREATE FUNCTION claim_steps(
-    worker text,
-    queues text[] DEFAULT ARRAY['default'],
-    max_steps integer DEFAULT 1,
-    lease interval DEFAULT '30 seconds'
-) RETURNS TABLE(
+-- The claim, for claim_steps and complete_and_claim: lease up to max_steps
+-- ready steps of the given queues, highest priority first, then oldest, and
+-- return them with their inputs. `handed` are steps complete_and_claim has
+-- already leased to this worker in this transaction (see _complete): they
+-- count against max_steps and are returned with the others.
+CREATE FUNCTION _claim(worker text, queues text[], max_steps integer, lease interval, handed bigint[])
+RETURNS TABLE(
     step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
     input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
 )
 LANGUAGE plpgsql
--- the claim query's plan does not depend on its arguments' values: plan it once
+-- The plans must not depend on the arguments' values or on how many steps
+-- the statistics say are ready or running (see _complete): planned once, as
+-- probes by key.
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE
     qnames text[];
     qslots integer[];
     pass integer;
-    claimed_now integer;
-    want integer := claim_steps.max_steps;
+    claimed_now bigint[];
+    want integer := _claim.max_steps - coalesce(cardinality(_claim.handed), 0);
+    leased bigint[] := coalesce(_claim.handed, '{}');
 BEGIN
-    IF claim_steps.worker IS NULL OR btrim(claim_steps.worker) = '' THEN
+    IF _claim.worker IS NULL OR btrim(_claim.worker) = '' THEN
         RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF claim_steps.queues IS NULL OR cardinality(claim_steps.queues) = 0 THEN
+    IF _claim.queues IS NULL OR cardinality(_claim.queues) = 0 THEN
         RAISE EXCEPTION 'queues must name at least one queue' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF claim_steps.max_steps IS NULL OR claim_steps.max_steps NOT BETWEEN 1 AND 1000 THEN
-        RAISE EXCEPTION 'max_steps must be from 1 to 1000, got %', claim_steps.max_steps
+    IF _claim.max_steps IS NULL OR _claim.max_steps NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'max_steps must be from 1 to 1000, got %', _claim.max_steps
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF claim_steps.lease IS NULL OR claim_steps.lease <= interval '0' THEN
-        RAISE EXCEPTION 'lease must be a positive interval, got %', claim_steps.lease
+    IF _claim.lease IS NULL OR _claim.lease <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be a positive interval, got %', _claim.lease
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
     FOR pass IN 1 .. 2 LOOP
-        IF EXISTS (SELECT 1 FROM baton.queues c WHERE c.name = ANY (claim_steps.queues)) THEN
+        EXIT WHEN want = 0;
+        IF EXISTS (SELECT 1 FROM baton.queues c
+                    WHERE c.name = ANY (_claim.queues) AND (c.paused OR c.concurrency IS NOT NULL)) THEN
             SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
-              FROM baton._queue_slots(claim_steps.queues, want) q;
+              FROM baton._queue_slots(_claim.queues, want) q;
         ELSE
             -- no queue here is limited or paused: the common case, no locks
-            qnames := ARRAY(SELECT DISTINCT q FROM unnest(claim_steps.queues) q WHERE q IS NOT NULL);
+            qnames := ARRAY(SELECT DISTINCT q FROM unnest(_claim.queues) q WHERE q IS NOT NULL);
             qslots := array_fill(want, ARRAY[cardinality(qnames)]);
         END IF;
-        IF qnames IS NOT NULL THEN  -- NULL: every queue is paused or at its limit
-            RETURN QUERY
+        EXIT WHEN qnames IS NULL;  -- every queue is paused or at its limit
         WITH candidates AS MATERIALIZED (
             -- per queue: an ordered scan of steps_ready, skipping rows other
             -- claimers hold; then the best max_steps over all queues
@@ -191,10 +199,10 @@ BEGIN
             UPDATE baton.steps s
                SET status = 'running',
                    attempt = s.attempt + 1,
-                   worker = claim_steps.worker,
+                   worker = _claim.worker,
                    lease_token = gen_random_uuid(),
-                   lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN claim_steps.lease
-                                                   ELSE least(claim_steps.lease, s.timeout) END,
+                   lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN _claim.lease
+                                                   ELSE least(_claim.lease, s.timeout) END,
                    started_at = now()
              -- The plan must not depend on how many steps are ready (a generic
              -- plan cannot know): every lookup below is written as a probe by
@@ -207,30 +215,54 @@ BEGIN
              -- instead, which statistics taken before a backlog arrived make
              -- look empty.
              WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c))
-            RETURNING s.*
+            RETURNING s.step_id, s.run_id
         ), started AS (
             UPDATE baton.runs r SET status = 'running', started_at = now()
              WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
         )
-        SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
-               coalesce((SELECT jsonb_object_agg(u.name, u.output) FROM baton.steps u
-                          WHERE u.run_id = c.run_id AND u.step_no = ANY (c.upstream)), '{}'::jsonb),
-               coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
-                          WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
-               c.lease_expires_at
-          FROM claimed c
-          -- OFFSET 0 keeps this a probe of runs_pkey per claimed step
-          CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
-         ORDER BY c.priority DESC, c.run_at, c.step_id;
-        GET DIAGNOSTICS claimed_now = ROW_COUNT;
-        want := want - claimed_now;
-        END IF;
+        SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
+        leased := leased || claimed_now;
+        want := want - coalesce(cardinality(claimed_now), 0);
         -- A full batch: done. A short one: take back the expired leases of
         -- these queues and try once more, so that correctness never waits for
         -- the background worker (and busy queues pay nothing for it).
         EXIT WHEN want = 0 OR pass = 2;
-        EXIT WHEN baton._reclaim_expired(claim_steps.queues, 100) = 0;
+        EXIT WHEN baton._reclaim_expired(_claim.queues, 100) = 0;
     END LOOP;
+
+    -- What the worker needs to run its steps: those claimed here and those
+    -- handed to it (leased by this transaction's earlier statements, so
+    -- visible here), found by step id.
+    RETURN QUERY
+    SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
+           -- upstream outputs by primary key, one probe each: a step_no = ANY
+           -- test would read all the run's steps, and a run may have hundreds
+           coalesce((SELECT jsonb_object_agg(u.name, u.output)
+                       FROM unnest(c.upstream) AS a(step_no)
+                       CROSS JOIN LATERAL (SELECT u.name, u.output FROM baton.steps u
+                                          WHERE u.run_id = c.run_id AND u.step_no = a.step_no OFFSET 0) u), '{}'::jsonb),
+           coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
+                      WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
+           c.lease_expires_at
+      FROM baton.steps c
+      -- OFFSET 0 keeps this a probe of runs_pkey per leased step
+      CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
+     WHERE c.step_id = ANY (leased)
+     ORDER BY c.priority DESC, c.run_at, c.step_id;
+END $$;
+
+CREATE FUNCTION claim_steps(
+    worker text,
+    queues text[] DEFAULT ARRAY['default'],
+    max_steps integer DEFAULT 1,
+    lease interval DEFAULT '30 seconds'
+) RETURNS TABLE(
+    step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
+    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
+)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM baton._claim(worker, queues, max_steps, lease, NULL);
 END $$;
 
 -- Extend a lease. An attempt's lease never runs past its step's timeout.

@@ -11,7 +11,7 @@ BEGIN
     SELECT r.id,
            d.n - 1,
            d.s ->> 'name',
-           CASE WHEN jsonb_array_length(d.s -> 'upstream') = 0 THEN 'ready' ELSE 'blocked' END,
+           CASE WHEN jsonb_array_length(d.s -> 'upstream') = 0 THEN 'ready' ELSE 'blocked' END::baton.step_status,
            d.upstream,
            d.downstream,
            cardinality(d.upstream),
@@ -71,9 +71,9 @@ BEGIN
 
     -- ON CONFLICT waits for a racing insert of the same key to commit or roll
     -- back, so two concurrent enqueues with one key create exactly one run.
-    INSERT INTO baton.runs (workflow, version, queue, priority, input, idempotency_key, steps_left)
+    INSERT INTO baton.runs (workflow, version, queue, priority, input, idempotency_key)
     VALUES (workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
-            coalesce(input, '{}'), idempotency_key, jsonb_array_length(wf.definition -> 'steps'))
+            coalesce(input, '{}'), idempotency_key)
     ON CONFLICT DO NOTHING
     RETURNING id INTO new_id;
 
@@ -121,9 +121,9 @@ BEGIN
 
     ids := ARRAY(SELECT baton._run_id() FROM generate_series(1, n));
     WITH ins AS (
-        INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key, steps_left)
+        INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key)
         SELECT ids[i], workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
-               coalesce(inputs[i], '{}'), idempotency_keys[i], jsonb_array_length(wf.definition -> 'steps')
+               coalesce(inputs[i], '{}'), idempotency_keys[i]
           FROM generate_series(1, n) AS i
         ON CONFLICT DO NOTHING
         RETURNING id)
@@ -174,14 +174,14 @@ BEGIN
     INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
     SELECT s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'cancelled',
            'run ' || status
-      FROM baton.steps s WHERE s.run_id = run_id AND s.lease_token IS NOT NULL;  -- running (the CHECK), by primary key
+      FROM baton.steps s WHERE s.run_id = run_id AND s.lease_token IS NOT NULL;  -- running (the fencing invariant), by primary key
 
     UPDATE baton.steps s
        SET status = 'cancelled', finished_at = now(), lease_token = NULL, lease_expires_at = NULL
      WHERE s.run_id = run_id AND s.status IN ('blocked', 'ready', 'running');
 
     UPDATE baton.runs r
-       SET status = status, error = error, finished_at = now()
+       SET status = status::baton.run_status, error = error, finished_at = now()
      WHERE r.id = run_id;
 END $$;
 

@@ -30,6 +30,12 @@ SELECT c.relname, c.relkind
 -- Helpers shared by the following tests (they live in public, so every test
 -- session of this database sees them).
 --
+-- steps_left(run): how many steps of the run have not succeeded.
+CREATE FUNCTION public.steps_left(run uuid) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM baton.steps s WHERE s.run_id = run AND s.status <> 'succeeded'
+$$;
+
 -- sqlstate_of(sql): run one statement and report how it ended: 'ok', or
 -- "SQLSTATE: message". The statement runs in a subtransaction, so a failing one
 -- leaves nothing behind. Uuids in messages are masked, and so are the step ids

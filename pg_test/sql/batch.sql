@@ -44,12 +44,12 @@ SELECT (c.input ->> 'i')::int AS i, r.status
 -- 1 and 3 succeeded with their outputs, and so did their runs ({leaf: output});
 -- 2 is untouched: still running under its lease, its run still running.
 SELECT (c.input ->> 'i')::int AS i, s.status, s.output, s.attempt, s.lease_token = c.lease_token AS same_token,
-       s.finished_at IS NOT NULL AS finished, r.status AS run_status, r.output AS run_output, r.steps_left
+       s.finished_at IS NOT NULL AS finished, r.status AS run_status, r.output AS run_output, steps_left(r.id) AS steps_left
   FROM claimed c JOIN baton.steps s USING (step_id) JOIN baton.runs r ON r.id = s.run_id
  ORDER BY 1;
 -- One attempt row per completed step, none for the lost one.
 SELECT (c.input ->> 'i')::int AS i, a.attempt, a.worker, a.outcome
-  FROM claimed c JOIN baton.attempts a USING (step_id) ORDER BY 1;
+  FROM claimed c JOIN baton.step_attempts a USING (step_id) ORDER BY 1;
 -- The two completed steps cannot be completed again with their (old) tokens,
 -- nor can step 2 with a NULL token or an unknown step: lease_lost, no error.
 SELECT (c.input ->> 'i')::int AS i, r.status
@@ -64,7 +64,7 @@ SELECT (c.input ->> 'i')::int AS i, r.status
 -- Nothing changed: step 2 still running, no new attempt rows.
 SELECT s.status, s.attempt, s.lease_token = c.lease_token AS same_token
   FROM claimed c JOIN baton.steps s USING (step_id) WHERE c.input ->> 'i' = '2';
-SELECT count(*) AS attempts FROM baton.attempts a JOIN claimed c USING (step_id);
+SELECT count(*) AS attempts FROM baton.step_attempts a JOIN claimed c USING (step_id);
 -- Its right token still works; with no outputs array the output is NULL.
 SELECT r.status
   FROM baton.complete_steps(ARRAY(SELECT step_id FROM claimed WHERE input ->> 'i' = '2'),
@@ -88,13 +88,13 @@ SELECT c.step, r.status
   JOIN claimed c USING (step_id)
  ORDER BY r.n;
 SELECT name, status, waiting_on, output FROM baton.steps WHERE run_id = :'fan' ORDER BY step_id;
-SELECT status, steps_left, output FROM baton.runs WHERE id = :'fan';
+SELECT status, steps_left(id) AS steps_left, output FROM baton.runs WHERE id = :'fan';
 -- z finishes the run; its output holds both leaves, y (done earlier) and z.
 SELECT step_id AS z, lease_token AS zt, upstream FROM baton.claim_steps('w1', ARRAY['bt_fan_q'], 10) \gset
 SELECT :'upstream'::jsonb AS z_upstream;
 SELECT r.step_id = :z AS same_step, r.status
   FROM baton.complete_steps(ARRAY[:z]::bigint[], ARRAY[:'zt']::uuid[], ARRAY['"z"']::jsonb[]) r;
-SELECT status, steps_left, output, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'fan';
+SELECT status, steps_left(id) AS steps_left, output, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'fan';
 
 -- 3. Both leaves of a run in one batch: the run succeeds with both outputs.
 SELECT baton.enqueue_workflow('bt_pair') AS pair \gset
@@ -107,8 +107,8 @@ SELECT c.step, r.status
        WITH ORDINALITY AS r(step_id, status, n)
   JOIN claimed c USING (step_id)
  ORDER BY r.n;
-SELECT status, steps_left, output, error, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'pair';
-SELECT step, attempt, worker, outcome FROM baton.attempts WHERE run_id = :'pair' ORDER BY step_id;
+SELECT status, steps_left(id) AS steps_left, output, error, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'pair';
+SELECT step, attempt, worker, outcome FROM baton.step_attempts WHERE workflow_id = :'pair' ORDER BY step_id;
 
 -- 4. One step of a run completes, the other's token is wrong: the run counts
 --    down by one only.
@@ -123,8 +123,8 @@ SELECT c.step, r.status
   JOIN claimed c USING (step_id)
  ORDER BY r.n;
 SELECT name, status, attempt FROM baton.steps WHERE run_id = :'pair2' ORDER BY step_id;
-SELECT status, steps_left, output FROM baton.runs WHERE id = :'pair2';
-SELECT count(*) AS attempts FROM baton.attempts WHERE run_id = :'pair2';
+SELECT status, steps_left(id) AS steps_left, output FROM baton.runs WHERE id = :'pair2';
+SELECT count(*) AS attempts FROM baton.step_attempts WHERE workflow_id = :'pair2';
 
 -- 5. complete_and_claim on a chain: completing a and claiming in the same call
 --    hands out b, made ready by that completion, with a's output as upstream.
@@ -139,12 +139,12 @@ SELECT step, attempt, workflow, workflow_id = :'chain' AS right_run, input, upst
 SELECT t.lease_expires_at = s.started_at + interval '1 minute' AS lease_1min
   FROM turn t JOIN baton.steps s USING (step_id);
 SELECT name, status, attempt, worker, output FROM baton.steps WHERE run_id = :'chain' ORDER BY step_id;
-SELECT step, attempt, worker, outcome FROM baton.attempts WHERE run_id = :'chain' ORDER BY step_id;
+SELECT step, attempt, worker, outcome FROM baton.step_attempts WHERE workflow_id = :'chain' ORDER BY step_id;
 -- b's turn with max_steps => 0 only completes: no rows, the run succeeds.
 SELECT count(*) AS claimed
   FROM baton.complete_and_claim(ARRAY(SELECT step_id FROM turn), ARRAY(SELECT lease_token FROM turn),
                                 ARRAY['"b out"']::jsonb[], 'w2', ARRAY['bt_chain_q'], 0);
-SELECT status, steps_left, output, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'chain';
+SELECT status, steps_left(id) AS steps_left, output, finished_at IS NOT NULL AS finished FROM baton.runs WHERE id = :'chain';
 
 -- max_steps => 0 leaves the step it made ready unclaimed.
 SELECT baton.enqueue_workflow('bt_chain', '{"c": 2}') AS chain2 \gset
@@ -181,7 +181,7 @@ SELECT r.input, s.name, s.status, s.attempt, s.worker
  WHERE r.id IN (:'chain3', :'chain4') ORDER BY r.input ->> 'c', s.step_id;
 SELECT (SELECT lease_token FROM baton.steps s WHERE s.run_id = :'chain4' AND s.name = 'a')
        = (SELECT lease_token FROM claimed WHERE input ->> 'c' = '4') AS chain4_same_token;
-SELECT count(*) AS chain4_attempts FROM baton.attempts WHERE run_id = :'chain4';
+SELECT count(*) AS chain4_attempts FROM baton.step_attempts WHERE workflow_id = :'chain4';
 
 SELECT cancel_unfinished_runs();
 

@@ -33,7 +33,7 @@ SELECT u.n, r.input ->> 'i' AS i
  ORDER BY u.n;
 -- Each is a pending run like enqueue_workflow makes: the definition's queue,
 -- priority 0, no key; root steps ready (and due), c blocked on two.
-SELECT workflow, version, status, queue, priority, idempotency_key, steps_left, count(*)
+SELECT workflow, version, status, queue, priority, idempotency_key, steps_left(id) AS steps_left, count(*)
   FROM baton.runs WHERE workflow = 'be_flow'
  GROUP BY 1, 2, 3, 4, 5, 6, 7;
 SELECT s.name, s.status, s.waiting_on, s.queue, s.priority, s.attempt, s.run_at <= now() AS due, count(*)

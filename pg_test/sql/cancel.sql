@@ -24,7 +24,7 @@ SELECT baton.cancel_workflow(:'running_run');
 SELECT status, error, output FROM baton.runs WHERE id = :'running_run';
 SELECT name, status, output, lease_token IS NULL AS unleased, lease_expires_at IS NULL AS no_lease
   FROM baton.steps WHERE run_id = :'running_run' ORDER BY step_id;
-SELECT step, attempt, worker, outcome, error FROM baton.attempts WHERE run_id = :'running_run' ORDER BY step_id;
+SELECT step, attempt, worker, outcome, error FROM baton.step_attempts WHERE workflow_id = :'running_run' ORDER BY step_id;
 -- The worker holding a finds out at its next call.
 SELECT sqlstate_of(format('SELECT baton.heartbeat(%s, %L)', step_id, lease_token)) AS heartbeat,
        sqlstate_of(format('SELECT baton.checkpoint(%s, %L, %L, %L)', step_id, lease_token, 'k', '1')) AS checkpoint,

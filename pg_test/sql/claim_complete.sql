@@ -77,7 +77,7 @@ SELECT name, status, output, lease_token IS NULL AS unleased, finished_at IS NOT
   FROM baton.steps WHERE run_id = :'run' ORDER BY step_id;
 
 -- Every attempt is recorded once.
-SELECT step, attempt, worker, outcome, error FROM baton.attempts WHERE run_id = :'run' ORDER BY step_id;
+SELECT step, attempt, worker, outcome, error FROM baton.step_attempts WHERE workflow_id = :'run' ORDER BY step_id;
 
 -- Finished steps cannot be completed (or failed) again: BT001. Neither can an
 -- unknown step, a wrong token or a NULL token.

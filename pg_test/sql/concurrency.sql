@@ -92,5 +92,21 @@ SELECT status FROM baton.runs WHERE id = :'run5';
 SELECT name, status, attempt, lease_token IS NULL AS unleased FROM baton.steps WHERE run_id = :'run5';
 SELECT step, attempt, worker, outcome, error FROM baton.attempts WHERE run_id = :'run5';
 
+-- 6. The two last steps of a run finish at once, in two sessions: the second
+--    waits for the first (the run lock), then sees its step done and finishes
+--    the run with both leaves' outputs. Neither leaves the run running.
+SELECT baton.define_workflow('cu_pair', '{"queue": "cu_q", "steps": [{"name": "x"}, {"name": "y"}]}');
+SELECT baton.enqueue_workflow('cu_pair') AS run6 \gset
+SELECT step_id AS x, lease_token AS xt FROM baton.claim_steps('w1', ARRAY['cu_q']) \gset
+SELECT step_id AS y, lease_token AS yt FROM baton.claim_steps('w2', ARRAY['cu_q']) \gset
+BEGIN;
+SELECT baton.complete_step(:x, :'xt', '"x out"') AS first_leaf;
+SELECT dblink_send_query('other', format('SELECT baton.complete_step(%s, %L, %L)', :y, :'yt', '"y out"')) AS sent;
+SELECT pg_temp.other_is_blocked(:other_pid) AS other_waits;
+COMMIT;
+SELECT status AS second_leaf FROM dblink_get_result('other') AS t(status text);
+SELECT * FROM dblink_get_result('other') AS t(status text);
+SELECT status, output FROM baton.runs WHERE id = :'run6';
+
 SELECT dblink_disconnect('other');
 SELECT cancel_unfinished_runs();

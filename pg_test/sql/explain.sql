@@ -9,7 +9,7 @@ SELECT count(baton.enqueue_workflow('ex_flow', jsonb_build_object('i', i))) FROM
 UPDATE baton.steps s SET status = 'succeeded', attempt = 1, finished_at = now(), waiting_on = 0
   FROM baton.runs r
  WHERE r.id = s.run_id AND r.workflow = 'ex_flow' AND (r.input ->> 'i')::int <= 500;
-UPDATE baton.runs SET status = 'succeeded', steps_left = 0, finished_at = now()
+UPDATE baton.runs SET status = 'succeeded', finished_at = now()
  WHERE workflow = 'ex_flow' AND (input ->> 'i')::int <= 500;
 SELECT s.status, count(*) FROM baton.steps s JOIN baton.runs r ON r.id = s.run_id
  WHERE r.workflow = 'ex_flow' GROUP BY s.status ORDER BY s.status;
@@ -48,9 +48,6 @@ EXPLAIN (COSTS OFF)
 UPDATE baton.steps SET output = '{}'
  WHERE step_id = 5 AND lease_token = '00000000-0000-0000-0000-000000000001';
 
--- The fencing invariant is enforced: a token exists exactly while a step runs.
-SELECT sqlstate_of($$UPDATE baton.steps SET lease_token = gen_random_uuid()
-                      WHERE status = 'ready' AND step_id = (SELECT min(step_id) FROM baton.steps WHERE status = 'ready')$$) AS token_without_lease;
 
 -- The claim itself still works on this data: the oldest ready steps first.
 SELECT step, input FROM baton.claim_steps('ex', max_steps => 3);
@@ -64,13 +61,17 @@ ANALYZE baton.steps;
 ANALYZE baton.runs;
 SELECT count(*) FROM unnest(baton.enqueue_workflows('ex_flow', array_fill('{}'::jsonb, ARRAY[3000]), queue => 'ex_backlog'));
 -- The claim as claim_steps runs it (a generic plan: its arguments are
--- parameters): one ordered scan of steps_ready per queue, and only the few
--- candidates of all queues together are sorted. After that every lookup is a
--- probe by key: the locked candidates by ctid (Tid Scan), their runs by
--- primary key. A claim once found its candidates again by walking steps_ready
--- (which these statistics say is empty), or by hashing all of steps when a
--- generic plan guessed the claim large: either way a scan per claim.
+-- parameters; and the function's planner settings): one ordered scan of
+-- steps_ready per queue, and only the few candidates of all queues together
+-- are sorted. After that every lookup is a probe by key: the locked
+-- candidates by ctid (Tid Scan), their runs by primary key. A claim once found
+-- its candidates again by walking steps_ready (which these statistics say is
+-- empty), or by hashing all of steps when a generic plan guessed the claim
+-- large: either way a scan per claim.
 SET plan_cache_mode = force_generic_plan;
+SET enable_seqscan = off;
+SET enable_hashjoin = off;
+SET enable_mergejoin = off;
 PREPARE claim(text[], integer[], integer, text, interval) AS
 WITH candidates AS MATERIALIZED (
     SELECT c.ctid
@@ -89,16 +90,29 @@ WITH candidates AS MATERIALIZED (
        SET status = 'running', attempt = s.attempt + 1, worker = $4, lease_token = gen_random_uuid(),
            lease_expires_at = now() + $5, started_at = now()
      WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c))
-    RETURNING s.*
+    RETURNING s.step_id, s.run_id
 ), started AS (
     UPDATE baton.runs r SET status = 'running', started_at = now()
      WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
 )
-SELECT c.step_id, r.workflow, r.input
-  FROM claimed c
-  CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
- ORDER BY c.priority DESC, c.run_at, c.step_id;
+SELECT array_agg(c.step_id) FROM claimed c;
 EXPLAIN (COSTS OFF) EXECUTE claim(ARRAY['ex_backlog', 'other'], ARRAY[8, 8], 8, 'w', '30 seconds');
 DEALLOCATE claim;
+-- Then what the worker needs of the claimed steps, by step id.
+PREPARE leased(bigint[]) AS
+SELECT c.step_id, r.workflow, r.input,
+       (SELECT jsonb_object_agg(u.name, u.output)
+          FROM unnest(c.upstream) AS a(step_no)
+          CROSS JOIN LATERAL (SELECT u.name, u.output FROM baton.steps u
+                              WHERE u.run_id = c.run_id AND u.step_no = a.step_no OFFSET 0) u)
+  FROM baton.steps c
+  CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
+ WHERE c.step_id = ANY ($1)
+ ORDER BY c.priority DESC, c.run_at, c.step_id;
+EXPLAIN (COSTS OFF) EXECUTE leased(ARRAY[1, 2]);
+DEALLOCATE leased;
 RESET plan_cache_mode;
+RESET enable_seqscan;
+RESET enable_hashjoin;
+RESET enable_mergejoin;
 SELECT cancel_unfinished_runs();

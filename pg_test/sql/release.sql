@@ -23,7 +23,7 @@ SELECT name, status, attempt, worker, lease_token IS NULL AS unleased, lease_exp
        run_at <= now() AS due
   FROM baton.steps WHERE run_id = :'run' ORDER BY step_id;
 SELECT status FROM baton.runs WHERE id = :'run';
-SELECT count(*) AS attempts FROM baton.attempts WHERE run_id = :'run';
+SELECT count(*) AS attempts FROM baton.step_attempts WHERE workflow_id = :'run';
 
 -- The old token is dead for every call, including a second release.
 SELECT sqlstate_of(format('SELECT baton.complete_step(%s, %L)', :s, :'t1')) AS complete,
@@ -38,7 +38,7 @@ SELECT status, attempt FROM baton.steps WHERE step_id = :s;
 CREATE TEMP TABLE claimed AS SELECT * FROM baton.claim_steps('w2', ARRAY['rl_q'], 10);
 SELECT step_id = :s AS same_step, step, attempt, checkpoints, lease_token <> :'t1' AS new_token FROM claimed;
 SELECT baton.complete_step(step_id, lease_token, '"done"') FROM claimed;
-SELECT step, attempt, worker, outcome FROM baton.attempts WHERE run_id = :'run' ORDER BY step_id, attempt;
+SELECT step, attempt, worker, outcome FROM baton.step_attempts WHERE workflow_id = :'run' ORDER BY step_id, attempt;
 SELECT step_id AS n, lease_token AS nt FROM baton.claim_steps('w2', ARRAY['rl_q']) \gset
 SELECT baton.complete_step(:n, :'nt');
 SELECT status, output FROM baton.runs WHERE id = :'run';
@@ -54,7 +54,7 @@ SELECT step_id AS s, lease_token AS t, attempt FROM baton.claim_steps('w3', ARRA
 SELECT :attempt AS attempt;
 SELECT baton.fail_step(:s, :'t', 'real failure');
 SELECT status, error FROM baton.runs WHERE id = :'run2';
-SELECT step, attempt, worker, outcome, error FROM baton.attempts WHERE run_id = :'run2' ORDER BY step_id, attempt;
+SELECT step, attempt, worker, outcome, error FROM baton.step_attempts WHERE workflow_id = :'run2' ORDER BY step_id, attempt;
 
 -- A retried step released during attempt 2 goes back to 1 and is claimed as
 -- attempt 2 again: only the failure counts.
@@ -71,7 +71,7 @@ SELECT status, attempt, error, run_at <= now() AS due FROM baton.steps WHERE ste
 SELECT lease_token AS t, attempt FROM baton.claim_steps('w2', ARRAY['rl_q']) \gset
 SELECT :attempt AS attempt;
 SELECT baton.complete_step(:s, :'t');
-SELECT step, attempt, worker, outcome FROM baton.attempts WHERE run_id = :'run3' ORDER BY attempt;
+SELECT step, attempt, worker, outcome FROM baton.step_attempts WHERE workflow_id = :'run3' ORDER BY attempt;
 
 -- Releasing a step of a cancelled run: BT001 (the cancel took the lease).
 SELECT baton.enqueue_workflow('rl_once', '{"r": 4}') AS run4 \gset
@@ -87,6 +87,6 @@ SELECT step_id AS s, lease_token AS t FROM baton.claim_steps('w1', ARRAY['rl_q']
 UPDATE baton.steps SET lease_expires_at = now() - interval '1 second' WHERE step_id = :s;
 SELECT baton.release_step(:s, :'t');
 SELECT status, attempt, worker FROM baton.steps WHERE step_id = :s;
-SELECT count(*) AS attempts FROM baton.attempts WHERE run_id = :'run5';
+SELECT count(*) AS attempts FROM baton.step_attempts WHERE workflow_id = :'run5';
 
 SELECT cancel_unfinished_runs();
