@@ -600,8 +600,8 @@ async fn fill_history(o: &Opts, admin: &tokio_postgres::Client) {
         .execute(
             "WITH g AS MATERIALIZED (SELECT gen_random_uuid() AS id, n FROM generate_series(1, $1::bigint) n),
              r AS (
-               INSERT INTO baton.runs (id, workflow, version, status, queue, input, output, steps_left, created_at, started_at, finished_at)
-               SELECT g.id, 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', 0, now(), now(), now() FROM g),
+               INSERT INTO baton.runs (id, workflow, version, status, queue, input, output, created_at, started_at, finished_at)
+               SELECT g.id, 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', now(), now(), now() FROM g),
              s AS (
                INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on, queue, priority,
                                         run_at, attempt, max_attempts, worker, started_at, finished_at)
