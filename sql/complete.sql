@@ -14,32 +14,25 @@ END $$;
 -- Completing steps, for complete_steps and complete_and_claim: each step
 -- succeeds (the step row is its attempt's record); downstream steps whose
 -- upstreams have all succeeded become ready; the last step of a run makes it
--- succeed with output {leaf step: output}. A step whose
--- lease is not held is reported as 'lease_lost' and nothing changes for it.
--- Returns one row per input, in input order: the run's status after it, or
--- 'lease_lost'.
+-- succeed with output {leaf step: output}. A step whose lease is not held
+-- changes nothing.
 --
 -- Hand-off: up to `handoff` of the steps made ready here that `worker` serves
 -- (queues) are leased to it at once, as complete_and_claim would have claimed
 -- them next anyway: a chain moves on with one write per step instead of two
 -- (ready, then claimed), without a trip through the ready index. Not for a
 -- queue with a limit or paused (those are counted by claims), nor while a
--- step of higher priority waits in the queue. They follow the input rows as
--- (step_id, 'handed').
+-- step of higher priority waits in the queue.
 --
--- Every lookup is a probe by key: the planner must not pick a scan, whatever
--- the statistics say (a generic plan is made once per session), hence the
--- SET clauses. They also hold for the functions called from here.
+-- Returns, in input order, each step's run (NULL: its lease was not held);
+-- the runs that finished; and the steps handed to the worker.
 CREATE FUNCTION _complete(step_ids bigint[], lease_tokens uuid[], outputs jsonb[],
-                          worker text, queues text[], handoff integer, lease interval)
-RETURNS TABLE(step_id bigint, status text)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
-SET enable_hashjoin = off
-SET enable_mergejoin = off
-AS $$
+                          worker text, queues text[], handoff integer, lease interval,
+                          OUT runs uuid[], OUT finished uuid[], OUT handed bigint[])
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    leaf_runs uuid[];
 BEGIN
     IF _complete.step_ids IS NULL OR _complete.lease_tokens IS NULL THEN
         RAISE EXCEPTION '% must not be null', CASE WHEN _complete.step_ids IS NULL THEN 'step_ids' ELSE 'lease_tokens' END
@@ -50,13 +43,15 @@ BEGIN
         RAISE EXCEPTION 'step_ids, lease_tokens and outputs must have the same length'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF cardinality(_complete.step_ids) = 0 THEN
+        RETURN;
+    END IF;
     -- The runs' locks, in one global order, so that two batches never wait on
     -- each other in a cycle (see the lock order at the top of this file).
     PERFORM pg_advisory_xact_lock(1651797601, uuid_hash(r.run_id))
        FROM (SELECT DISTINCT s.run_id FROM baton.steps s
               WHERE s.step_id = ANY (_complete.step_ids) ORDER BY s.run_id) r;
 
-    RETURN QUERY
     WITH done AS (
         -- A token is set exactly while the step runs (see schema.sql), so the
         -- token alone says "running". Each step's token and output are at its
@@ -66,7 +61,7 @@ BEGIN
                finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = NULL
          WHERE t.step_id = ANY (_complete.step_ids)
            AND t.lease_token = _complete.lease_tokens[array_position(_complete.step_ids, t.step_id)]
-        RETURNING t.run_id, t.step_id, t.name, t.downstream, t.output
+        RETURNING t.run_id, t.step_id, t.downstream
     ), next AS MATERIALIZED (
         -- Downstream steps of the finished ones and how many of their upstream
         -- steps finished here. Read before they change: the run locks keep
@@ -78,7 +73,7 @@ BEGIN
                  GROUP BY d.run_id, e.step_no) x
           JOIN baton.steps n ON n.run_id = x.run_id AND n.step_no = x.step_no
          WHERE n.status = 'blocked'
-    ), handed AS (
+    ), handoff AS (
         SELECT h.run_id, h.step_no
           FROM next h
          WHERE h.ready AND h.queue = ANY (_complete.queues) AND h.run_at <= now()
@@ -95,7 +90,7 @@ BEGIN
                status = CASE WHEN NOT x.ready THEN 'blocked'
                              WHEN h.step_no IS NULL THEN 'ready'
                              ELSE 'running' END::baton.step_status,
-               -- the lease of a handed-off step, as claim_steps gives it
+               -- the lease of a handed-off step, as a claim gives it
                attempt = n.attempt + (h.step_no IS NOT NULL)::integer,
                worker = CASE WHEN h.step_no IS NOT NULL THEN _complete.worker END,
                lease_token = CASE WHEN h.step_no IS NOT NULL THEN gen_random_uuid() END,
@@ -103,50 +98,55 @@ BEGIN
                                   now() + least(_complete.lease, coalesce(x.timeout, _complete.lease)) END,
                started_at = CASE WHEN h.step_no IS NOT NULL THEN now() END
           FROM next x
-          LEFT JOIN handed h ON h.run_id = x.run_id AND h.step_no = x.step_no
+          LEFT JOIN handoff h ON h.run_id = x.run_id AND h.step_no = x.step_no
          WHERE n.run_id = x.run_id AND n.step_no = x.step_no
         -- Workers serving the queue of a step that became ready hear of it
         -- (once per queue: PostgreSQL folds equal notifications of a
         -- transaction). RETURNING runs for every row, read or not.
         RETURNING n.step_id, n.status,
                   CASE WHEN n.status = 'ready' THEN pg_notify('baton_ready', n.queue) END
-    ), finished AS (
-        -- Runs whose last steps finished here: a leaf finished, and none of
-        -- the run's other steps is left. The run lock (taken above, before
-        -- this statement's snapshot) makes this exact when two leaves finish
-        -- at once: the second transaction sees the first one's step. A
-        -- statement does not see its own updates: the steps finished here are
-        -- left out explicitly, and their outputs join the other leaves'.
-        UPDATE baton.runs r
-           SET status = 'succeeded', finished_at = now(),
-               output = coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
-                                   WHERE l.run_id = r.id AND l.downstream = '{}'
-                                     AND l.step_id <> ALL (c.step_ids)), '{}') || c.leaves
-          FROM (SELECT d.run_id, array_agg(d.step_id) AS step_ids,
-                       coalesce(jsonb_object_agg(d.name, d.output) FILTER (WHERE d.downstream = '{}'), '{}') AS leaves
-                  FROM done d GROUP BY d.run_id HAVING bool_or(d.downstream = '{}')) c
-         WHERE r.id = c.run_id
-           AND NOT EXISTS (SELECT FROM baton.steps o
-                            WHERE o.run_id = c.run_id AND o.status <> 'succeeded' AND o.step_id <> ALL (c.step_ids))
-        RETURNING r.id
     )
-    SELECT o.step_id, o.status
-      FROM (SELECT q.step_id, CASE WHEN d.step_id IS NULL THEN 'lease_lost'
-                                   WHEN k.id IS NULL THEN 'running' ELSE 'succeeded' END AS status, q.n
-              FROM unnest(_complete.step_ids) WITH ORDINALITY AS q(step_id, n)
-              LEFT JOIN done d ON d.step_id = q.step_id
-              LEFT JOIN finished k ON k.id = d.run_id
-            UNION ALL
-            SELECT u.step_id, 'handed', NULL FROM unblocked u WHERE u.status = 'running') o
-     ORDER BY o.n NULLS LAST;
+    SELECT array_agg(d.run_id ORDER BY q.n),
+           array_agg(DISTINCT d.run_id) FILTER (WHERE d.downstream = '{}'),
+           (SELECT array_agg(u.step_id) FROM unblocked u WHERE u.status = 'running')
+      INTO runs, leaf_runs, handed
+      FROM unnest(_complete.step_ids) WITH ORDINALITY AS q(step_id, n)
+      LEFT JOIN done d ON d.step_id = q.step_id;
+
+    IF leaf_runs IS NOT NULL THEN
+        -- Runs whose last steps finished: a leaf finished, and no step of the
+        -- run is left. A statement of its own, so that it sees the steps
+        -- finished above. The run locks, taken before either statement's
+        -- snapshot, make it exact when two last leaves finish at once: the
+        -- second transaction waits for the first and then sees its step.
+        WITH f AS (
+            UPDATE baton.runs r
+               SET status = 'succeeded', finished_at = now(),
+                   output = coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
+                                       WHERE l.run_id = r.id AND l.downstream = '{}'), '{}')
+             WHERE r.id = ANY (leaf_runs)
+               AND NOT EXISTS (SELECT FROM baton.steps o WHERE o.run_id = r.id AND o.status <> 'succeeded')
+            RETURNING r.id)
+        SELECT array_agg(f.id) INTO finished FROM f;
+    END IF;
 END $$;
 
--- Complete many leased steps in one statement (and one commit); see _complete.
+-- Complete many leased steps in one call (and one commit). Returns one row per
+-- input, in input order: the run's status after it, or 'lease_lost' for a step
+-- whose lease is not held (nothing changes for it; the others complete).
 CREATE FUNCTION complete_steps(step_ids bigint[], lease_tokens uuid[], outputs jsonb[] DEFAULT NULL)
 RETURNS TABLE(step_id bigint, status text)
 LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
 BEGIN
-    RETURN QUERY SELECT * FROM baton._complete(step_ids, lease_tokens, outputs, NULL, NULL, 0, NULL);
+    c := baton._complete(step_ids, lease_tokens, outputs, NULL, NULL, 0, NULL);
+    RETURN QUERY
+    SELECT q.step_id, CASE WHEN q.run IS NULL THEN 'lease_lost'
+                           WHEN q.run = ANY (c.finished) THEN 'succeeded'
+                           ELSE 'running' END
+      FROM unnest(complete_steps.step_ids, c.runs) WITH ORDINALITY AS q(step_id, run, n)
+     ORDER BY q.n;
 END $$;
 
 CREATE FUNCTION complete_step(step_id bigint, lease_token uuid, output jsonb DEFAULT NULL)
@@ -167,9 +167,9 @@ END $$;
 
 -- A worker's whole turn in one round trip and one commit: complete the steps
 -- it finished, then lease up to max_steps more: first the steps these
--- completions made ready (the hand-off in _complete), then as claim_steps.
--- Completions whose lease was lost change nothing and are skipped (a NOTICE
--- names them).
+-- completions made ready (the hand-off in _complete), then as claim_steps
+-- (_claim); and return what the worker needs to run them. Completions whose
+-- lease was lost change nothing and are skipped (a NOTICE names them).
 CREATE FUNCTION complete_and_claim(
     step_ids bigint[],
     lease_tokens uuid[],
@@ -183,24 +183,63 @@ CREATE FUNCTION complete_and_claim(
     input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
 )
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    lost bigint[];
-    handed bigint[];
+    c record;
+    leased bigint[];
 BEGIN
-    IF max_steps IS NULL OR max_steps NOT BETWEEN 0 AND 1000 THEN
-        RAISE EXCEPTION 'max_steps must be from 0 to 1000, got %', max_steps
+    IF complete_and_claim.max_steps IS NULL OR complete_and_claim.max_steps NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'max_steps must be from 0 to 1000, got %', complete_and_claim.max_steps
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT array_agg(c.step_id) FILTER (WHERE c.status = 'lease_lost'),
-           array_agg(c.step_id) FILTER (WHERE c.status = 'handed')
-      INTO lost, handed
-      FROM baton._complete(step_ids, lease_tokens, outputs, worker, queues, max_steps, lease) c;
-    IF lost IS NOT NULL THEN
-        RAISE NOTICE 'pg_baton: lease lost, not completed: steps %', lost;
+    IF complete_and_claim.max_steps > 0 THEN
+        IF complete_and_claim.worker IS NULL OR btrim(complete_and_claim.worker) = '' THEN
+            RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF complete_and_claim.queues IS NULL OR cardinality(complete_and_claim.queues) = 0 THEN
+            RAISE EXCEPTION 'queues must name at least one queue' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF complete_and_claim.lease IS NULL OR complete_and_claim.lease <= interval '0' THEN
+            RAISE EXCEPTION 'lease must be a positive interval, got %', complete_and_claim.lease
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
-    IF max_steps > 0 THEN
-        RETURN QUERY SELECT * FROM baton._claim(worker, queues, max_steps, lease, handed);
+
+    -- Function calls as plain expressions: no statement to plan or start.
+    c := baton._complete(complete_and_claim.step_ids, complete_and_claim.lease_tokens, complete_and_claim.outputs,
+                         complete_and_claim.worker, complete_and_claim.queues, complete_and_claim.max_steps,
+                         complete_and_claim.lease);
+    IF array_position(c.runs, NULL) IS NOT NULL THEN
+        RAISE NOTICE 'pg_baton: lease lost, not completed: steps %',
+            ARRAY(SELECT q.id FROM unnest(complete_and_claim.step_ids, c.runs) AS q(id, run) WHERE q.run IS NULL);
     END IF;
+    leased := coalesce(c.handed, '{}');
+    IF complete_and_claim.max_steps > cardinality(leased) THEN
+        leased := leased || baton._claim(complete_and_claim.worker, complete_and_claim.queues,
+                                         complete_and_claim.max_steps - cardinality(leased), complete_and_claim.lease);
+    END IF;
+    IF cardinality(leased) = 0 THEN
+        RETURN;
+    END IF;
+
+    -- What the worker needs to run its steps, found by step id: those leased
+    -- by the statements above in this transaction, so visible here.
+    RETURN QUERY
+    SELECT s.step_id, s.lease_token, s.run_id, r.workflow, s.name, s.attempt, r.input,
+           -- upstream outputs by primary key, one probe each: a step_no = ANY
+           -- test would read all the run's steps, and a run may have hundreds
+           coalesce((SELECT jsonb_object_agg(u.name, u.output)
+                       FROM unnest(s.upstream) AS a(step_no)
+                       CROSS JOIN LATERAL (SELECT u.name, u.output FROM baton.steps u
+                                            WHERE u.run_id = s.run_id AND u.step_no = a.step_no OFFSET 0) u), '{}'::jsonb),
+           coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
+                      WHERE k.run_id = s.run_id AND k.step_id = s.step_id), '{}'::jsonb),
+           s.lease_expires_at
+      FROM baton.steps s
+      -- OFFSET 0 keeps this a probe of runs_pkey per leased step
+      CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = s.run_id OFFSET 0) r
+     WHERE s.step_id = ANY (leased)
+     ORDER BY s.priority DESC, s.run_at, s.step_id;
 END $$;
 
 CREATE FUNCTION fail_step(step_id bigint, lease_token uuid, error text, retryable boolean DEFAULT true)
@@ -227,3 +266,13 @@ BEGIN
 
     RETURN baton._end_attempt(s, 'failed', fail_step.error, coalesce(fail_step.retryable, true));
 END $$;
+
+-- Planner settings of the hot path's entry points, inherited by the functions
+-- they call (claim_steps calls complete_and_claim). Every lookup there is a
+-- probe by key: the planner must not pick a scan or a hash join, whatever the
+-- statistics say. A generic plan is made once per session, maybe while the
+-- tables were small or no step was ready.
+ALTER FUNCTION complete_steps(bigint[], uuid[], jsonb[]) SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off;
+ALTER FUNCTION complete_and_claim(bigint[], uuid[], jsonb[], text, text[], integer, interval) SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off;

@@ -126,64 +126,36 @@ BEGIN
     RETURN reclaimed;
 END $$;
 
--- The claim, for claim_steps and complete_and_claim: lease up to max_steps
--- ready steps of the given queues, highest priority first, then oldest, and
--- return them with their inputs. `handed` are steps complete_and_claim has
--- already leased to this worker in this transaction (see _complete): they
--- count against max_steps and are returned with the others.
-CREATE FUNCTION _claim(worker text, queues text[], max_steps integer, lease interval, handed bigint[])
-RETURNS TABLE(
-    step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
-    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
-)
-LANGUAGE plpgsql
--- The plans must not depend on the arguments' values or on how many steps
--- the statistics say are ready or running (see _complete): planned once, as
--- probes by key.
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off
-SET enable_hashjoin = off
-SET enable_mergejoin = off
-AS $$
+-- The claim, for complete_and_claim (and so claim_steps): lease up to `want`
+-- ready steps of the given queues, highest priority first, then oldest.
+-- Returns their step ids. The caller checked the arguments and set the
+-- planner settings (see the end of complete.sql).
+CREATE FUNCTION _claim(worker text, queues text[], want integer, lease interval) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     qnames text[];
     qslots integer[];
-    pass integer;
     claimed_now bigint[];
-    want integer := _claim.max_steps - coalesce(cardinality(_claim.handed), 0);
-    leased bigint[] := coalesce(_claim.handed, '{}');
+    leased bigint[] := '{}';
 BEGIN
-    IF _claim.worker IS NULL OR btrim(_claim.worker) = '' THEN
-        RAISE EXCEPTION 'worker must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF _claim.queues IS NULL OR cardinality(_claim.queues) = 0 THEN
-        RAISE EXCEPTION 'queues must name at least one queue' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF _claim.max_steps IS NULL OR _claim.max_steps NOT BETWEEN 1 AND 1000 THEN
-        RAISE EXCEPTION 'max_steps must be from 1 to 1000, got %', _claim.max_steps
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF _claim.lease IS NULL OR _claim.lease <= interval '0' THEN
-        RAISE EXCEPTION 'lease must be a positive interval, got %', _claim.lease
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-
     FOR pass IN 1 .. 2 LOOP
-        EXIT WHEN want = 0;
         IF EXISTS (SELECT 1 FROM baton.queues c
                     WHERE c.name = ANY (_claim.queues) AND (c.paused OR c.concurrency IS NOT NULL)) THEN
             SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
               FROM baton._queue_slots(_claim.queues, want) q;
+        ELSIF cardinality(_claim.queues) = 1 THEN
+            -- one queue, not limited or paused: the common case, no locks
+            qnames := _claim.queues;
+            qslots := ARRAY[want];
         ELSE
-            -- no queue here is limited or paused: the common case, no locks
             qnames := ARRAY(SELECT DISTINCT q FROM unnest(_claim.queues) q WHERE q IS NOT NULL);
             qslots := array_fill(want, ARRAY[cardinality(qnames)]);
         END IF;
         EXIT WHEN qnames IS NULL;  -- every queue is paused or at its limit
         WITH candidates AS MATERIALIZED (
             -- per queue: an ordered scan of steps_ready, skipping rows other
-            -- claimers hold; then the best max_steps over all queues
+            -- claimers hold; then the best `want` over all queues
             SELECT c.ctid
               FROM unnest(qnames, qslots) AS q(name, slots)
              CROSS JOIN LATERAL (
@@ -229,28 +201,10 @@ BEGIN
         EXIT WHEN want = 0 OR pass = 2;
         EXIT WHEN baton._reclaim_expired(_claim.queues, 100) = 0;
     END LOOP;
-
-    -- What the worker needs to run its steps: those claimed here and those
-    -- handed to it (leased by this transaction's earlier statements, so
-    -- visible here), found by step id.
-    RETURN QUERY
-    SELECT c.step_id, c.lease_token, c.run_id, r.workflow, c.name, c.attempt, r.input,
-           -- upstream outputs by primary key, one probe each: a step_no = ANY
-           -- test would read all the run's steps, and a run may have hundreds
-           coalesce((SELECT jsonb_object_agg(u.name, u.output)
-                       FROM unnest(c.upstream) AS a(step_no)
-                       CROSS JOIN LATERAL (SELECT u.name, u.output FROM baton.steps u
-                                          WHERE u.run_id = c.run_id AND u.step_no = a.step_no OFFSET 0) u), '{}'::jsonb),
-           coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
-                      WHERE k.run_id = c.run_id AND k.step_id = c.step_id), '{}'::jsonb),
-           c.lease_expires_at
-      FROM baton.steps c
-      -- OFFSET 0 keeps this a probe of runs_pkey per leased step
-      CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = c.run_id OFFSET 0) r
-     WHERE c.step_id = ANY (leased)
-     ORDER BY c.priority DESC, c.run_at, c.step_id;
+    RETURN leased;
 END $$;
 
+-- Lease up to max_steps ready steps: complete_and_claim with nothing to complete.
 CREATE FUNCTION claim_steps(
     worker text,
     queues text[] DEFAULT ARRAY['default'],
@@ -262,7 +216,11 @@ CREATE FUNCTION claim_steps(
 )
 LANGUAGE plpgsql AS $$
 BEGIN
-    RETURN QUERY SELECT * FROM baton._claim(worker, queues, max_steps, lease, NULL);
+    IF max_steps IS NULL OR max_steps NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'max_steps must be from 1 to 1000, got %', max_steps
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY SELECT * FROM baton.complete_and_claim('{}', '{}', '{}', worker, queues, max_steps, lease);
 END $$;
 
 -- Extend a lease. An attempt's lease never runs past its step's timeout.
