@@ -109,7 +109,7 @@ async fn raw(url: &str) -> tokio_postgres::Client {
     c
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let o = Opts::parse();
     let admin = raw(&o.url).await;

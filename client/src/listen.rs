@@ -67,7 +67,7 @@ async fn listen(
     // Anything may have become ready while we were not listening.
     wake.notify_one();
     while let Some(queue) = rx.recv().await {
-        if queues.iter().any(|q| *q == queue) {
+        if queues.contains(&queue) {
             wake.notify_one();
         }
     }

@@ -149,26 +149,40 @@ impl Worker {
         let mut running = JoinSet::new();
         let mut turns: JoinSet<TurnResult> = JoinSet::new();
         let mut want_claim = true;
+        let mut more_slots = false;
         tokio::pin!(shutdown);
         debug!(worker = %w.name, queues = ?w.queues, "worker started");
 
         loop {
             // Start a turn when there is something to report or room to claim:
             // it reports what finished and claims for the free slots in one
-            // round trip and one commit. Two turns may be in flight, so that
-            // one commit's wait overlaps the next turn's work.
+            // round trip and one commit. Two turns may be in flight, each with
+            // up to half the slots, so that one commit's wait overlaps the
+            // other turn's work.
+            //
+            // Let steps that are about to finish report first, so that a turn
+            // (a commit) carries more of them: yield until a yield brings no
+            // new completion. Yields, not a timer: no added latency when the
+            // running steps are busy.
             if !running.is_empty() {
-                // Let steps that are about to finish report first, so that one
-                // turn (one commit) carries more of them. A yield, not a timer:
-                // no added latency when nothing else is ready.
-                tokio::task::yield_now().await;
+                for _ in 0..8 {
+                    tokio::task::yield_now().await;
+                    let before = pending.len();
+                    while let Ok(c) = done_rx.try_recv() {
+                        pending.push(c);
+                    }
+                    if pending.len() == before {
+                        break;
+                    }
+                }
             }
             while let Ok(c) = done_rx.try_recv() {
                 pending.push(c);
             }
             if turns.len() < TURNS_IN_FLIGHT {
-                let free = if want_claim {
-                    permits.available_permits()
+                let per_turn = w.concurrency.div_ceil(TURNS_IN_FLIGHT);
+                let free = if want_claim || more_slots {
+                    permits.available_permits().min(per_turn)
                 } else {
                     0
                 };
@@ -179,9 +193,13 @@ impl Worker {
                 };
                 let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
                 if !pending.is_empty() || asked > 0 {
-                    let (w, done) = (w.clone(), std::mem::take(&mut pending));
+                    let done: Vec<Completion> = pending.drain(..pending.len().min(per_turn)).collect();
+                    let w = w.clone();
                     turns.spawn(async move { (turn(&w, done, asked).await, reserved, asked) });
                     want_claim = false;
+                    // a full share asked for and slots left: the other turn
+                    // may claim them at once
+                    more_slots = asked == per_turn && permits.available_permits() > 0;
                     continue;
                 }
             }
