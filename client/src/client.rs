@@ -72,6 +72,11 @@ impl Client {
         );
         let pool = Pool::builder(manager)
             .max_size(16)
+            // The most recently used connection first: its backend is hot in
+            // the CPU caches and has the worker's statements planned; idle
+            // ones stay idle. (First in, first out rotated every turn through
+            // every connection: 0.3 ms more per turn on 2 cores.)
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .build()
             .map_err(|e| Error::PoolSetup(e.to_string()))?;
         // Fail now, not at first use, if the database is unreachable.
