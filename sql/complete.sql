@@ -79,9 +79,11 @@ BEGIN
          WHERE h.ready AND h.queue = ANY (_complete.queues) AND h.run_at <= now()
            AND NOT EXISTS (SELECT FROM baton.queues c
                             WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL))
-           AND NOT EXISTS (SELECT FROM baton.steps r
-                            WHERE r.status = 'ready' AND r.queue = h.queue AND r.priority > h.priority
-                              AND r.run_at <= now())
+           -- the best ready step of the queue, one probe of steps_ready: a
+           -- correlated subquery, so that no plan can scan the queue instead
+           AND coalesce((SELECT r.priority FROM baton.steps r
+                          WHERE r.status = 'ready' AND r.queue = h.queue AND r.run_at <= now()
+                          ORDER BY r.priority DESC LIMIT 1), h.priority) <= h.priority
          ORDER BY h.priority DESC, h.run_at, h.step_id
          LIMIT greatest(_complete.handoff, 0)
     ), unblocked AS (

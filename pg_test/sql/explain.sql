@@ -115,4 +115,32 @@ RESET plan_cache_mode;
 RESET enable_seqscan;
 RESET enable_hashjoin;
 RESET enable_mergejoin;
+
+-- A whole worker's turn, the function itself (not a copy of its queries),
+-- with these statistics and the backlog: completing a step and handing its
+-- successor to the worker reads a few dozen buffers, by key. A scan of steps
+-- would read hundreds; the hand-off's test for a higher-priority ready step,
+-- once planned as a walk of all of steps_ready, read the whole backlog. The
+-- first turn of the session plans the statements (and reads the catalogs), so
+-- a second one is measured.
+SELECT baton.define_workflow('ex_chain', $${"queue": "ex_chain_q", "steps": [
+    {"name": "a"}, {"name": "b", "after": ["a"]}, {"name": "c", "after": ["b"]}]}$$) AS chain_version;
+SELECT baton.enqueue_workflow('ex_chain') IS NOT NULL AS enqueued;
+SELECT step_id AS a, lease_token AS at FROM baton.claim_steps('ex_w', ARRAY['ex_chain_q']) \gset
+SELECT step_id AS b, lease_token AS bt
+  FROM baton.complete_and_claim(ARRAY[:a]::bigint[], ARRAY[:'at']::uuid[], NULL, 'ex_w', ARRAY['ex_chain_q']) \gset
+CREATE FUNCTION pg_temp.buffers_of(sql text) RETURNS integer
+LANGUAGE plpgsql AS $f$
+DECLARE
+    plan jsonb;
+BEGIN
+    EXECUTE 'EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ' || sql INTO plan;
+    RETURN (plan -> 0 -> 'Plan' ->> 'Shared Hit Blocks')::integer
+         + (plan -> 0 -> 'Plan' ->> 'Shared Read Blocks')::integer;
+END $f$;
+SELECT pg_temp.buffers_of(format(
+           'SELECT * FROM baton.complete_and_claim(ARRAY[%s]::bigint[], ARRAY[%L]::uuid[], NULL, %L, ARRAY[%L])',
+           :b, :'bt', 'ex_w', 'ex_chain_q')) < 100 AS turn_reads_few_buffers;
+SELECT s.name, s.status, s.worker FROM baton.steps s JOIN baton.runs r ON r.id = s.run_id
+ WHERE r.workflow = 'ex_chain' ORDER BY s.step_no;
 SELECT cancel_unfinished_runs();
