@@ -20,9 +20,9 @@ END $$;
 -- Hand-off: up to `handoff` of the steps made ready here that `worker` serves
 -- (queues) are leased to it at once, as complete_and_claim would have claimed
 -- them next anyway: a chain moves on with one write per step instead of two
--- (ready, then claimed), without a trip through the ready index. Not for a
--- queue with a limit or paused (those are counted by claims), nor while a
--- step of higher priority waits in the queue.
+-- (ready, then claimed), without a trip through the ready index. Only when no
+-- ready step of the worker's queues comes before it in the claim's order, and
+-- not for a queue with a limit or paused (those are counted by claims).
 --
 -- Returns, in input order, each step's run (NULL: its lease was not held);
 -- the runs that finished; and the steps handed to the worker.
@@ -48,9 +48,10 @@ BEGIN
     END IF;
     -- The runs' locks, in one global order, so that two batches never wait on
     -- each other in a cycle (see the lock order at the top of this file).
-    PERFORM pg_advisory_xact_lock(1651797601, uuid_hash(r.run_id))
-       FROM (SELECT DISTINCT s.run_id FROM baton.steps s
-              WHERE s.step_id = ANY (_complete.step_ids) ORDER BY s.run_id) r;
+    -- (Ordered by the lock's key itself: two runs may share a key.)
+    PERFORM pg_advisory_xact_lock(1651797601, k.key)
+       FROM (SELECT DISTINCT uuid_hash(s.run_id) AS key FROM baton.steps s
+              WHERE s.step_id = ANY (_complete.step_ids) ORDER BY 1) k;
 
     WITH done AS (
         -- A token is set exactly while the step runs (see schema.sql), so the
@@ -79,11 +80,18 @@ BEGIN
          WHERE h.ready AND h.queue = ANY (_complete.queues) AND h.run_at <= now()
            AND NOT EXISTS (SELECT FROM baton.queues c
                             WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL))
-           -- the best ready step of the queue, one probe of steps_ready: a
-           -- correlated subquery, so that no plan can scan the queue instead
-           AND coalesce((SELECT r.priority FROM baton.steps r
-                          WHERE r.status = 'ready' AND r.queue = h.queue AND r.run_at <= now()
-                          ORDER BY r.priority DESC LIMIT 1), h.priority) <= h.priority
+           -- exactly the claim's order: no ready step of the worker's queues
+           -- comes before it (priority, then run_at, then step id). One probe
+           -- of steps_ready per queue, as a correlated subquery so that no
+           -- plan can scan a queue instead.
+           AND NOT coalesce((SELECT t.priority > h.priority
+                                    OR (t.priority = h.priority AND (t.run_at, t.step_id) < (h.run_at, h.step_id))
+                               FROM unnest(_complete.queues) AS w(queue)
+                              CROSS JOIN LATERAL (
+                                    SELECT r.priority, r.run_at, r.step_id FROM baton.steps r
+                                     WHERE r.status = 'ready' AND r.queue = w.queue AND r.run_at <= now()
+                                     ORDER BY r.priority DESC, r.run_at, r.step_id LIMIT 1) t
+                              ORDER BY t.priority DESC, t.run_at, t.step_id LIMIT 1), false)
          ORDER BY h.priority DESC, h.run_at, h.step_id
          LIMIT greatest(_complete.handoff, 0)
     ), unblocked AS (
@@ -121,15 +129,24 @@ BEGIN
         -- finished above. The run locks, taken before either statement's
         -- snapshot, make it exact when two last leaves finish at once: the
         -- second transaction waits for the first and then sees its step.
+        -- The row is written for every finished leaf, finished run or not:
+        -- in a REPEATABLE READ transaction (a caller's own, around
+        -- complete_step) the second of two such transactions then fails
+        -- with a serialization error instead of missing the first's step.
         WITH f AS (
             UPDATE baton.runs r
-               SET status = 'succeeded', finished_at = now(),
-                   output = coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
-                                       WHERE l.run_id = r.id AND l.downstream = '{}'), '{}')
-             WHERE r.id = ANY (leaf_runs)
-               AND NOT EXISTS (SELECT FROM baton.steps o WHERE o.run_id = r.id AND o.status <> 'succeeded')
-            RETURNING r.id)
-        SELECT array_agg(f.id) INTO finished FROM f;
+               SET status = CASE WHEN u.all_done THEN 'succeeded' ELSE r.status END,
+                   finished_at = CASE WHEN u.all_done THEN now() ELSE r.finished_at END,
+                   output = CASE WHEN u.all_done THEN
+                                coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
+                                           WHERE l.run_id = r.id AND l.downstream = '{}'), '{}')
+                            ELSE r.output END
+              FROM (SELECT x.id, NOT EXISTS (SELECT FROM baton.steps o
+                                              WHERE o.run_id = x.id AND o.status <> 'succeeded') AS all_done
+                      FROM unnest(leaf_runs) AS x(id)) u
+             WHERE r.id = u.id
+            RETURNING r.id, u.all_done)
+        SELECT array_agg(f.id) FILTER (WHERE f.all_done) INTO finished FROM f;
     END IF;
 END $$;
 

@@ -179,6 +179,11 @@ impl Worker {
             while let Ok(c) = done_rx.try_recv() {
                 pending.push(c);
             }
+            if !pending.is_empty() {
+                // their slots are free: the turn reporting them claims too
+                // (and so gets the steps they make runnable)
+                want_claim = true;
+            }
             if turns.len() < TURNS_IN_FLIGHT {
                 let per_turn = w.concurrency.div_ceil(TURNS_IN_FLIGHT);
                 let free = if want_claim || more_slots {
@@ -240,7 +245,16 @@ impl Worker {
                 _ = tokio::time::sleep(w.poll_interval) => want_claim = true,
             }
         }
-        while turns.join_next().await.is_some() {} // claims in flight: their steps expire and run again
+        // Turns in flight may lease steps (claimed, or handed over by a
+        // completion): not to be run now, they are handed back below.
+        while let Some(finished) = turns.join_next().await {
+            if let Ok((Ok(claimed), _, _)) = finished {
+                let mut held = leases.lock().expect("leases");
+                for ctx in claimed {
+                    held.insert(ctx.step_id, ctx.lease_token);
+                }
+            }
+        }
 
         // Graceful shutdown: no more claims; finish (or hand back) what runs.
         debug!(worker = %w.name, in_flight = running.len(), "worker stopping");

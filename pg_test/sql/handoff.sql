@@ -1,6 +1,7 @@
 -- Hand-off: complete_and_claim leases the steps its own completions made ready
 -- to the completing worker, when it has free slots and serves their queue, and
--- no higher-priority step waits there; never for a paused or limited queue.
+-- no ready step comes before them in the claim's order; never for a paused or
+-- limited queue.
 -- A downstream step keeps its run's start (run_at), so claims finish older
 -- runs first.
 
@@ -15,27 +16,32 @@ SELECT baton.define_workflow('ho_split', $${"queue": "ho_q", "steps": [
     {"name": "s"}, {"name": "t", "after": ["s"], "queue": "ho_other_q"}]}$$);
 
 -- 1. A chain: each turn completes one step and gets the next, under a fresh
---    lease, with its upstream's output: the step never waits as ready. It is
---    handed over even though an older step (same priority) is ready in the
---    queue: the worker keeps its run going, as engines that run a workflow's
---    steps in one process do.
+--    lease, with its upstream's output: the step never waits as ready.
 SELECT baton.enqueue_workflow('ho_chain', '{"n": "chain"}') AS chain \gset
 SELECT step_id AS a, lease_token AS at FROM baton.claim_steps('w1', ARRAY['ho_q']) \gset
-SELECT baton.enqueue_workflow('ho_chain', '{"n": "older"}', run_at => now() - interval '1 hour') AS older \gset
 SELECT step, attempt, input, upstream, lease_token IS NOT NULL AS leased
   FROM baton.complete_and_claim(ARRAY[:a]::bigint[], ARRAY[:'at']::uuid[], ARRAY['"a out"']::jsonb[], 'w1', ARRAY['ho_q'], 1);
 SELECT name, status, worker, attempt, lease_token IS NOT NULL AS leased, lease_expires_at > now() AS lease_ahead
   FROM baton.steps WHERE run_id = :'chain' ORDER BY step_no;
-SELECT name, status FROM baton.steps WHERE run_id = :'older' ORDER BY step_no;
 -- The handed step is like any claimed one: heartbeat it, then complete it (and get c).
 SELECT step_id AS b, lease_token AS bt FROM baton.steps WHERE run_id = :'chain' AND name = 'b' \gset
 SELECT baton.heartbeat(:b, :'bt') > now() AS heartbeat_ok;
 SELECT step, upstream FROM baton.complete_and_claim(ARRAY[:b]::bigint[], ARRAY[:'bt']::uuid[], ARRAY['"b out"']::jsonb[], 'w1', ARRAY['ho_q'], 1);
 SELECT step_id AS c, lease_token AS ct FROM baton.steps WHERE run_id = :'chain' AND name = 'c' \gset
--- The last step: nothing to hand over, so the claim takes the older run's step.
-SELECT step, input FROM baton.complete_and_claim(ARRAY[:c]::bigint[], ARRAY[:'ct']::uuid[], ARRAY['"c out"']::jsonb[], 'w1', ARRAY['ho_q'], 1);
+SELECT count(*) AS claimed_after_last FROM baton.complete_and_claim(ARRAY[:c]::bigint[], ARRAY[:'ct']::uuid[], ARRAY['"c out"']::jsonb[], 'w1', ARRAY['ho_q'], 1);
 SELECT status, output FROM baton.runs WHERE id = :'chain';
 SELECT step, attempt, worker, outcome FROM baton.step_attempts WHERE workflow_id = :'chain' ORDER BY step_id;
+SELECT cancel_unfinished_runs();
+
+-- 1b. The hand-off keeps the claim's order: with an older run's step of the
+--    same priority ready in the queue, that one is claimed, and the
+--    made-ready step waits as ready.
+SELECT baton.enqueue_workflow('ho_chain', '{"n": "chain"}') AS chain \gset
+SELECT step_id AS a, lease_token AS at FROM baton.claim_steps('w1', ARRAY['ho_q']) \gset
+SELECT baton.enqueue_workflow('ho_chain', '{"n": "older"}', run_at => now() - interval '1 hour') AS older \gset
+SELECT step, input FROM baton.complete_and_claim(ARRAY[:a]::bigint[], ARRAY[:'at']::uuid[], NULL, 'w1', ARRAY['ho_q'], 1);
+SELECT r.input ->> 'n' AS run, s.name, s.status FROM baton.steps s JOIN baton.runs r ON r.id = s.run_id
+ WHERE s.run_id IN (:'chain', :'older') AND s.status IN ('ready', 'running') ORDER BY 1, 2;
 SELECT cancel_unfinished_runs();
 
 -- 2. A fan-out: the hand-off fills the worker's free slots (max_steps) and
