@@ -141,9 +141,10 @@ BEGIN
                                 coalesce((SELECT jsonb_object_agg(l.name, l.output) FROM baton.steps l
                                            WHERE l.run_id = r.id AND l.downstream = '{}'), '{}')
                             ELSE r.output END
+              -- OFFSET 0: all_done is computed once per run, not once per use
               FROM (SELECT x.id, NOT EXISTS (SELECT FROM baton.steps o
                                               WHERE o.run_id = x.id AND o.status <> 'succeeded') AS all_done
-                      FROM unnest(leaf_runs) AS x(id)) u
+                      FROM unnest(leaf_runs) AS x(id) OFFSET 0) u
              WHERE r.id = u.id
             RETURNING r.id, u.all_done)
         SELECT array_agg(f.id) FILTER (WHERE f.all_done) INTO finished FROM f;
