@@ -330,9 +330,12 @@ async fn wait_for(done: &AtomicUsize, n: usize) {
 
 async fn pause(client: &Client, queue: &str, paused: bool) {
     let conn = client.pool().get().await.unwrap();
-    conn.execute("SELECT baton.configure_queue($1, paused => $2)", &[&queue, &paused])
-        .await
-        .unwrap();
+    conn.execute(
+        "SELECT baton.configure_queue($1, paused => $2)",
+        &[&queue, &paused],
+    )
+    .await
+    .unwrap();
 }
 
 /// The timed part of W1, W2 and W4, in the steady state that W0 measures too

@@ -198,7 +198,8 @@ impl Worker {
                 };
                 let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
                 if !pending.is_empty() || asked > 0 {
-                    let done: Vec<Completion> = pending.drain(..pending.len().min(per_turn)).collect();
+                    let done: Vec<Completion> =
+                        pending.drain(..pending.len().min(per_turn)).collect();
                     let w = w.clone();
                     turns.spawn(async move { (turn(&w, done, asked).await, reserved, asked) });
                     want_claim = false;
