@@ -94,7 +94,13 @@ END $$;
 -- Return expired leases (in the given queues, or all when NULL) to ready, each
 -- counted as a lost attempt. Runs busy with another transition are skipped and
 -- left for the next call. Returns how many leases were reclaimed.
-CREATE FUNCTION _reclaim_expired(queues text[], max_steps integer) RETURNS integer
+--
+-- may_fail => false (a claim's own reclaim) skips steps whose last attempt
+-- this was: failing one fails its run and cancels the run's other steps, rows
+-- the claiming transaction may have to wait for while it holds candidate rows
+-- of its own, which two claims could do to each other (a deadlock). Only the
+-- background worker, which holds nothing else, fails them: within an interval.
+CREATE FUNCTION _reclaim_expired(queues text[], max_steps integer, may_fail boolean DEFAULT true) RETURNS integer
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 DECLARE
@@ -106,6 +112,7 @@ BEGIN
         SELECT e.run_id, e.step_no FROM baton.steps e
          WHERE e.status = 'running' AND e.lease_expires_at < now()
            AND (queues IS NULL OR e.queue = ANY (queues))
+           AND (may_fail OR e.attempt < e.max_attempts)
          LIMIT max_steps
     LOOP
         -- run lock first, then the row (the order every multi-row transition uses)
@@ -115,7 +122,8 @@ BEGIN
         SELECT * INTO s FROM baton.steps e
          WHERE e.run_id = candidate.run_id AND e.step_no = candidate.step_no
            FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND OR NOT coalesce(s.status = 'running' AND s.lease_expires_at < now(), false);
+        CONTINUE WHEN NOT FOUND OR NOT coalesce(s.status = 'running' AND s.lease_expires_at < now(), false)
+                   OR NOT (may_fail OR s.attempt < s.max_attempts);
         IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
             PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8), true, false);
         ELSE
@@ -196,10 +204,11 @@ BEGIN
         leased := leased || claimed_now;
         want := want - coalesce(cardinality(claimed_now), 0);
         -- A full batch: done. A short one: take back the expired leases of
-        -- these queues and try once more, so that correctness never waits for
-        -- the background worker (and busy queues pay nothing for it).
+        -- these queues and try once more, so that a crashed worker's steps
+        -- never wait for the background worker (and busy queues pay nothing
+        -- for it). Last attempts are left to it (see _reclaim_expired).
         EXIT WHEN want = 0 OR pass = 2;
-        EXIT WHEN baton._reclaim_expired(_claim.queues, 100) = 0;
+        EXIT WHEN baton._reclaim_expired(_claim.queues, 100, false) = 0;
     END LOOP;
     RETURN leased;
 END $$;

@@ -108,5 +108,28 @@ SELECT status AS second_leaf FROM dblink_get_result('other') AS t(status text);
 SELECT * FROM dblink_get_result('other') AS t(status text);
 SELECT status, output FROM baton.runs WHERE id = :'run6';
 
+-- 7. A claim's own reclaim never waits: it leaves a step's last attempt to the
+--    background worker, since failing it would cancel the run's other steps,
+--    which another claimer may hold (two such claims could deadlock). Here the
+--    other session holds the run's ready step as a claim's candidate would;
+--    the claim returns at once (no lock timeout) and the run stays running
+--    until the background worker's round fails it.
+SELECT baton.define_workflow('cu_last', $${"queue": "cu_last_q", "steps": [
+    {"name": "solo", "max_attempts": 1}, {"name": "side"}]}$$);
+SELECT baton.enqueue_workflow('cu_last') AS run7 \gset
+SELECT step_id AS solo FROM baton.claim_steps('gone', ARRAY['cu_last_q']) \gset
+SELECT step_id AS side FROM baton.steps WHERE run_id = :'run7' AND name = 'side' \gset
+UPDATE baton.steps SET lease_expires_at = now() - interval '1 second' WHERE step_id = :solo;
+SELECT dblink_exec('other', 'BEGIN') AS began;
+SELECT held FROM dblink('other', format('SELECT true FROM baton.steps WHERE step_id = %s FOR UPDATE', :side)) AS t(held boolean);
+SET lock_timeout = '5s';
+SELECT count(*) AS claimed FROM baton.claim_steps('w3', ARRAY['cu_last_q']);
+RESET lock_timeout;
+SELECT status FROM baton.runs WHERE id = :'run7';
+SELECT dblink_exec('other', 'ROLLBACK') AS released;
+SELECT t -> 'reclaimed' AS reclaimed FROM baton._tick() t;
+SELECT name, status FROM baton.steps WHERE run_id = :'run7' ORDER BY step_no;
+SELECT status FROM baton.runs WHERE id = :'run7';
+
 SELECT dblink_disconnect('other');
 SELECT cancel_unfinished_runs();

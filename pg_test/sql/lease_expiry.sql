@@ -34,13 +34,18 @@ SELECT baton.complete_step(:s2, :'t2');
 SELECT status FROM baton.runs WHERE id = :'run';
 
 -- With max_attempts 1, an expired lease fails the step and its run, and the
--- other steps are cancelled.
+-- other steps are cancelled: by the background worker's round (_tick), not by
+-- a claim, whose own reclaim leaves last attempts alone (failing a run there
+-- could deadlock two claims). The claim takes nothing and changes nothing.
 SELECT baton.define_workflow('le_once', $${"queue": "le_q", "steps": [
     {"name": "once", "max_attempts": 1}, {"name": "then", "after": ["once"]}]}$$);
 SELECT baton.enqueue_workflow('le_once') AS run2 \gset
 SELECT step_id AS s, lease_token AS t FROM baton.claim_steps('lost', ARRAY['le_q']) \gset
 UPDATE baton.steps SET lease_expires_at = now() - interval '1 second' WHERE step_id = :s;
 SELECT count(*) AS claimed FROM baton.claim_steps('w2', ARRAY['le_q']);
+SELECT status, attempt, worker FROM baton.steps WHERE step_id = :s;
+SELECT count(*) AS attempts_recorded FROM baton.attempts WHERE run_id = :'run2';
+SELECT t -> 'reclaimed' AS reclaimed FROM baton._tick() t;
 SELECT status, error FROM baton.runs WHERE id = :'run2';
 SELECT name, status, attempt FROM baton.steps WHERE run_id = :'run2' ORDER BY step_id;
 SELECT step, attempt, outcome, error FROM baton.attempts WHERE run_id = :'run2' ORDER BY step_id;
