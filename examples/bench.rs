@@ -244,6 +244,8 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
             .unwrap();
         sessions.push((db, update, insert, c as i32));
     }
+    // (see checkpoint below)
+    setup.batch_execute("CHECKPOINT").await.unwrap();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (mut db, update, insert, id) in sessions {
@@ -303,6 +305,16 @@ async fn settle(client: &Client) {
     conn.batch_execute("VACUUM ANALYZE baton.runs, baton.steps, baton.attempts")
         .await
         .unwrap();
+}
+
+/// Write every dirty buffer out before a workload is timed (W0 before its
+/// clock, W1, W2 and W4 before their runs are enqueued): otherwise the kernel
+/// writes back what the previous workload left while this one waits on its
+/// WAL flushes, and a workload's figure depends on what ran before it. W4
+/// already needed it after writing its history.
+async fn checkpoint(client: &Client) {
+    let conn = client.pool().get().await.unwrap();
+    conn.batch_execute("CHECKPOINT").await.unwrap();
 }
 
 /// A no-op worker running in the background until `stop`.
@@ -365,6 +377,7 @@ where
     let warm = warm_up.await;
     wait_for(done, warm).await;
     pause(client, queue, true).await;
+    checkpoint(client).await;
     let result = work.await;
     settle(client).await;
     let start = Instant::now();
