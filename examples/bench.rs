@@ -244,7 +244,7 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
             .unwrap();
         sessions.push((db, update, insert, c as i32));
     }
-    // (see checkpoint below)
+    // dirty buffers written out first, as before every timed workload (see `checkpoint`)
     setup.batch_execute("CHECKPOINT").await.unwrap();
     let start = Instant::now();
     let mut tasks = Vec::new();
