@@ -33,6 +33,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     leaf_runs uuid[];
+    repeated boolean;
 BEGIN
     IF _complete.step_ids IS NULL OR _complete.lease_tokens IS NULL THEN
         RAISE EXCEPTION '% must not be null', CASE WHEN _complete.step_ids IS NULL THEN 'step_ids' ELSE 'lease_tokens' END
@@ -118,10 +119,16 @@ BEGIN
     )
     SELECT array_agg(d.run_id ORDER BY q.n),
            array_agg(DISTINCT d.run_id) FILTER (WHERE d.downstream = '{}'),
-           (SELECT array_agg(u.step_id) FROM unblocked u WHERE u.status = 'running')
-      INTO runs, leaf_runs, handed
+           (SELECT array_agg(u.step_id) FROM unblocked u WHERE u.status = 'running'),
+           count(DISTINCT q.step_id) <> count(q.step_id)
+      INTO runs, leaf_runs, handed, repeated
       FROM unnest(_complete.step_ids) WITH ORDINALITY AS q(step_id, n)
       LEFT JOIN done d ON d.step_id = q.step_id;
+    -- Checked here, in the same pass over the input, not by a statement of
+    -- its own; the error undoes what the statement above did.
+    IF repeated THEN
+        RAISE EXCEPTION 'step_ids must not name a step twice' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
 
     IF leaf_runs IS NOT NULL THEN
         -- Runs whose last steps finished: a leaf finished, and no step of the

@@ -126,6 +126,22 @@ SELECT name, status, attempt FROM baton.steps WHERE run_id = :'pair2' ORDER BY s
 SELECT status, steps_left(id) AS steps_left, output FROM baton.runs WHERE id = :'pair2';
 SELECT count(*) AS attempts FROM baton.step_attempts WHERE workflow_id = :'pair2';
 
+-- 4b. A step named twice in one batch is bad input (22023), whatever its
+--     tokens, and nothing of the batch is done: not even the other step.
+SELECT baton.enqueue_workflow('bt_pair') AS pair3 \gset
+TRUNCATE claimed;
+INSERT INTO claimed SELECT * FROM baton.claim_steps('w1', ARRAY['bt_pair_q'], 10);
+SELECT sqlstate_of(format('SELECT * FROM baton.complete_steps(%L::bigint[], %L::uuid[])',
+         ARRAY(SELECT step_id FROM claimed ORDER BY step_id) || ARRAY(SELECT min(step_id) FROM claimed),
+         ARRAY(SELECT lease_token FROM claimed ORDER BY step_id) || ARRAY[gen_random_uuid()])) AS repeated_step;
+SELECT sqlstate_of(format('SELECT * FROM baton.complete_and_claim(%L::bigint[], %L::uuid[], NULL, %L, %L::text[], 1)',
+         ARRAY(SELECT step_id FROM claimed ORDER BY step_id) || ARRAY(SELECT min(step_id) FROM claimed),
+         ARRAY(SELECT lease_token FROM claimed ORDER BY step_id) || ARRAY(SELECT lease_token FROM claimed ORDER BY step_id LIMIT 1),
+         'w1', ARRAY['bt_pair_q'])) AS repeated_step_cc;
+SELECT s.name, s.status, s.lease_token = c.lease_token AS same_token
+  FROM claimed c JOIN baton.steps s USING (step_id) ORDER BY s.step_id;
+SELECT status FROM baton.runs WHERE id = :'pair3';
+
 -- 5. complete_and_claim on a chain: completing a and claiming in the same call
 --    hands out b, made ready by that completion, with a's output as upstream.
 SELECT baton.enqueue_workflow('bt_chain', '{"c": 1}') AS chain \gset
