@@ -11,6 +11,8 @@ DECLARE
     pruned integer := 0;
     retention interval;
     batch integer := coalesce(current_setting('baton.reclaim_batch', true)::integer, 500);
+    warn_after interval;
+    horizon jsonb;
 BEGIN
     -- 1. Expired leases back to ready (or failed, when attempts are used up).
     BEGIN
@@ -50,5 +52,29 @@ BEGIN
         RAISE WARNING 'pg_baton: pruning old runs failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    RETURN jsonb_build_object('at', at, 'reclaimed', reclaimed, 'woken', woken, 'pruned', pruned);
+    -- 4. The vacuum horizon: the oldest transaction of this database that has
+    --    held a snapshot or a transaction id for longer than
+    --    baton.horizon_warning. Vacuum cannot remove the step versions that
+    --    die after it began, and claims then walk past them: reported (the
+    --    background worker logs it), not acted on.
+    BEGIN
+        warn_after := nullif(current_setting('baton.horizon_warning', true), '')::interval;
+        IF warn_after > interval '0' THEN
+            SELECT jsonb_build_object('pid', a.pid, 'state', a.state, 'application_name', a.application_name,
+                                      'seconds', floor(extract(epoch FROM at - a.xact_start))::bigint)
+              INTO horizon
+              FROM pg_stat_activity a
+             WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+               AND a.backend_type <> 'autovacuum worker'
+               AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+               AND a.xact_start < at - warn_after
+             ORDER BY a.xact_start
+             LIMIT 1;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_baton: checking the vacuum horizon failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+
+    RETURN jsonb_build_object('at', at, 'reclaimed', reclaimed, 'woken', woken, 'pruned', pruned)
+        || CASE WHEN horizon IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('horizon', horizon) END;
 END $$;

@@ -16,6 +16,7 @@ pub static RECLAIM_BATCH: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static RETENTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"7 days"));
 pub static PRUNE_BATCH: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static HORIZON_WARNING_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 
 pub fn register() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -65,6 +66,16 @@ pub fn register() {
         100_000,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"baton.horizon_warning",
+        c"Warn when a transaction has held back vacuum for longer than this.",
+        c"Such a transaction keeps dead step versions in place, and claims slow down; 0 turns the warning off.",
+        &HORIZON_WARNING_S,
+        0,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
 }
 

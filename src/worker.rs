@@ -10,7 +10,12 @@
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// When the last vacuum-horizon warning was logged (seconds since the epoch):
+/// it is logged at most once a minute, not once a round.
+static HORIZON_WARNED_AT: AtomicU64 = AtomicU64::new(0);
 
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -79,6 +84,9 @@ fn round() -> bool {
             if reclaimed > 0 {
                 log!("pg_baton scheduler: reclaimed {reclaimed} expired lease(s)");
             }
+            if let Some(h) = report.get("horizon") {
+                warn_horizon(h);
+            }
             if woken > 0 {
                 debug1!("pg_baton scheduler: woke {woken} queue(s) with delayed steps now due");
             }
@@ -90,4 +98,27 @@ fn round() -> bool {
             true
         }
     }
+}
+
+/// A transaction has held back vacuum for longer than baton.horizon_warning
+/// (see `_tick`): say who, and what to do, once a minute.
+fn warn_horizon(h: &serde_json::Value) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if now < HORIZON_WARNED_AT.load(Ordering::Relaxed) + 60 {
+        return;
+    }
+    HORIZON_WARNED_AT.store(now, Ordering::Relaxed);
+    let pid = h.get("pid").and_then(|v| v.as_i64()).unwrap_or(0);
+    let seconds = h.get("seconds").and_then(|v| v.as_i64()).unwrap_or(0);
+    let state = h.get("state").and_then(|v| v.as_str()).unwrap_or("?");
+    let app = h
+        .get("application_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    warning!(
+        "pg_baton scheduler: a transaction (pid {pid}, state \"{state}\", application \"{app}\") has been open for {seconds} s and holds back vacuum: dead step versions pile up and claims slow down. End it (SELECT pg_terminate_backend({pid})) or set idle_in_transaction_session_timeout; baton.horizon_warning sets when this is logged"
+    );
 }

@@ -131,5 +131,26 @@ SELECT t -> 'reclaimed' AS reclaimed FROM baton._tick() t;
 SELECT name, status FROM baton.steps WHERE run_id = :'run7' ORDER BY step_no;
 SELECT status FROM baton.runs WHERE id = :'run7';
 
+-- 8. A transaction that holds back vacuum is reported by the background
+--    worker's round once it is older than baton.horizon_warning: who holds it
+--    and for how long (the worker logs it). Not before, not when the setting
+--    is 0, and no longer once it ends.
+SELECT dblink_exec('other', 'BEGIN ISOLATION LEVEL REPEATABLE READ') AS began;
+SELECT n >= 0 AS snapshot_taken FROM dblink('other', 'SELECT count(*) FROM baton.runs') AS t(n bigint);
+SET baton.horizon_warning = '1h';
+SELECT t ? 'horizon' AS reported_early FROM baton._tick() t;
+SELECT pg_sleep(1.1);
+SET baton.horizon_warning = '1s';
+SELECT (t -> 'horizon' ->> 'pid')::integer = :other_pid AS holder, t -> 'horizon' ->> 'state' AS state,
+       (t -> 'horizon' ->> 'seconds')::integer >= 1 AS seconds
+  FROM baton._tick() t;
+SET baton.horizon_warning = 0;
+SELECT t ? 'horizon' AS reported_when_off FROM baton._tick() t;
+RESET baton.horizon_warning;
+SET baton.horizon_warning = '1s';
+SELECT dblink_exec('other', 'COMMIT') AS ended;
+SELECT t ? 'horizon' AS reported_after FROM baton._tick() t;
+RESET baton.horizon_warning;
+
 SELECT dblink_disconnect('other');
 SELECT cancel_unfinished_runs();
