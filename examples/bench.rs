@@ -8,13 +8,19 @@
 //! same run. Workloads: W0 floor (one durable commit), W1 throughput, W2
 //! latency, W3 enqueue, W4 W1 with a big history, W5 wake-up, soak.
 //!
-//!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N]
+//!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N] [--repeat N]
+//!
+//! `--repeat N` runs the selection N times on a fresh schema each time, then
+//! prints a MEDIAN line per workload and per target (the median of the
+//! per-run ratios).
 //!
 //! `scripts/bench` runs it on a fresh release build and cluster; `scripts/test`
 //! runs `--quick` so it cannot rot.
 
 use baton::{Client, EnqueueOptions, Step, Worker, WorkflowDef};
 use serde_json::json;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +31,7 @@ struct Opts {
     quick: bool,
     only: Option<Vec<String>>,
     soak_secs: u64,
+    repeat: usize,
 }
 
 impl Opts {
@@ -35,6 +42,7 @@ impl Opts {
             quick: false,
             only: None,
             soak_secs: 600,
+            repeat: 1,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -53,6 +61,13 @@ impl Opts {
                         .next()
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(o.soak_secs)
+                }
+                "--repeat" => {
+                    o.repeat = args
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .filter(|&n| n >= 1)
+                        .expect("--repeat takes a count of 1 or more")
                 }
                 other => panic!("unknown argument {other}; see the header of examples/bench.rs"),
             }
@@ -89,6 +104,7 @@ impl Figure {
         self.wall_s * 1000.0 / self.steps as f64
     }
     fn print(&self, workload: &str, extra: &str) {
+        record(workload, self.steps_per_s(), self.ms_per_step());
         println!(
             "RESULT system=pg_baton workload={workload} workflows={} steps={} wall_s={:.3} steps_per_s={:.1} ms_per_step={:.3} enqueue_per_s={:.1}{extra}",
             self.workflows,
@@ -134,41 +150,63 @@ async fn main() {
         info.get::<_, String>(3),
         if o.quick { "quick" } else { "full" }
     );
-    let client = Client::connect(&o.url).await.expect("client");
+    for run in 1..=o.repeat {
+        if o.repeat > 1 {
+            println!("# run {run} of {}", o.repeat);
+        }
+        if run > 1 {
+            admin
+                .batch_execute("SET client_min_messages = warning; DROP EXTENSION pg_baton CASCADE; CREATE EXTENSION pg_baton;")
+                .await
+                .expect("reset the schema");
+        }
+        // a new client each run: the old one's prepared statements name the
+        // dropped functions
+        let client = Client::connect(&o.url).await.expect("client");
+        one_run(&o, &client, &admin).await;
+    }
+    if o.repeat > 1 {
+        print_medians(o.repeat);
+    }
+}
 
+/// The selected workloads once, each figure printed as it is taken, then the
+/// targets as ratios within this run.
+async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
     let mut w0 = (None, None);
     if o.runs("W0") {
-        w0.0 = Some(floor(&o, 1).await);
-        w0.1 = Some(floor(&o, 8).await);
+        w0.0 = Some(floor(o, 1).await);
+        w0.1 = Some(floor(o, 8).await);
     }
     let mut w1 = None;
     if o.runs("W1") || o.runs("W4") {
-        w1 = Some(throughput(&o, &client, "W1").await);
+        w1 = Some(throughput(o, client, "W1").await);
     }
     let mut w2 = None;
     if o.runs("W2") {
-        w2 = Some(latency(&o, &client).await);
-        latency_sql(&o, &client).await;
+        w2 = Some(latency(o, client).await);
+        latency_sql(o, client).await;
     }
     if o.runs("W3") {
-        enqueue(&o, &client).await;
+        enqueue(o, client).await;
     }
     let mut w4 = None;
     if o.runs("W4") {
-        fill_history(&o, &admin).await;
-        w4 = Some(throughput(&o, &client, "W4").await);
+        fill_history(o, admin).await;
+        w4 = Some(throughput(o, client, "W4").await);
     }
     let mut w5 = None;
     if o.runs("W5") {
-        w5 = Some(wakeup(&o, &client).await);
+        w5 = Some(wakeup(o, client).await);
     }
     if o.runs("SOAK") {
-        soak(&o, &client, &admin).await;
+        soak(o, client, admin).await;
     }
 
     // Targets, as ratios within this run.
     if let (Some(f1), Some(w2)) = (w0.0, w2) {
         let limit = 1.5 * f1.ms_per_step();
+        record_target("W2", w2.ms_per_step() / f1.ms_per_step());
         target(
             "W2",
             w2.ms_per_step() <= limit,
@@ -180,6 +218,7 @@ async fn main() {
         );
     }
     if let (Some(f8), Some(w1)) = (w0.1, w1) {
+        record_target("W1", w1.steps_per_s() / f8.steps_per_s());
         target(
             "W1",
             w1.steps_per_s() >= f8.steps_per_s(),
@@ -192,6 +231,7 @@ async fn main() {
     }
     if let (Some(w1), Some(w4)) = (w1, w4) {
         let ratio = w4.steps_per_s() / w1.steps_per_s();
+        record_target("W4", ratio);
         target(
             "W4",
             ratio >= 0.9,
@@ -204,12 +244,80 @@ async fn main() {
         );
     }
     if let Some(median) = w5 {
+        record_target("W5", median);
         target(
             "W5",
             median < 5.0,
             &format!("median wake-up {median:.2} ms < 5 ms"),
         );
     }
+}
+
+thread_local! {
+    /// Every figure and target ratio of the process, for the medians of --repeat.
+    static FIGURES: RefCell<BTreeMap<String, Vec<(f64, f64)>>> = const { RefCell::new(BTreeMap::new()) };
+    static RATIOS: RefCell<BTreeMap<&'static str, Vec<f64>>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+fn record(workload: &str, steps_per_s: f64, ms_per_step: f64) {
+    FIGURES.with(|f| {
+        f.borrow_mut()
+            .entry(workload.to_string())
+            .or_default()
+            .push((steps_per_s, ms_per_step))
+    });
+}
+
+/// A target's value in one run: W1 and W4 as a ratio to their reference (at
+/// least 1.0 and 0.9), W2 as a multiple of W0 (at most 1.5), W5 in ms (under 5).
+fn record_target(w: &'static str, value: f64) {
+    RATIOS.with(|r| r.borrow_mut().entry(w).or_default().push(value));
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// After --repeat N: each workload's median figure and each target's median
+/// ratio, with every run's value, so a set of runs reports itself.
+fn print_medians(runs: usize) {
+    FIGURES.with(|f| {
+        for (w, v) in f.borrow().iter() {
+            let per_s: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let ms: Vec<f64> = v.iter().map(|x| x.1).collect();
+            println!(
+                "MEDIAN workload={w} runs={runs} steps_per_s={:.1} ms_per_step={:.3} (ms_per_step: {})",
+                median(per_s),
+                median(ms.clone()),
+                ms.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ")
+            );
+        }
+    });
+    RATIOS.with(|r| {
+        for (w, v) in r.borrow().iter() {
+            let m = median(v.clone());
+            let (met, rule) = match *w {
+                "W1" => (m >= 1.0, "W1/W0(8 clients) >= 1.0"),
+                "W2" => (m <= 1.5, "W2/W0(1 client) <= 1.5"),
+                "W4" => (m >= 0.9, "W4/W1 >= 0.9"),
+                _ => (m < 5.0, "W5 median wake-up ms < 5"),
+            };
+            println!(
+                "MEDIAN TARGET {w} {} {rule}: median {m:.2} (runs: {})",
+                if met { "met" } else { "MISSED" },
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    });
 }
 
 fn target(w: &str, met: bool, detail: &str) {
@@ -691,6 +799,7 @@ async fn wakeup(o: &Opts, client: &Client) -> f64 {
     handle.await.unwrap().unwrap();
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = ms[ms.len() / 2];
+    record("W5", 0.0, median);
     let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
     println!(
         "RESULT system=pg_baton workload=W5 workflows={tries} steps={tries} wall_s=0 steps_per_s=0 ms_per_step={median:.3} enqueue_per_s=0 median_ms={median:.3} p99_ms={p99:.3}"
