@@ -352,8 +352,7 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
             .unwrap();
         sessions.push((db, update, insert, c as i32));
     }
-    // dirty buffers written out first, as before every timed workload (see `checkpoint`)
-    setup.batch_execute("CHECKPOINT").await.unwrap();
+    checkpoint(&setup).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (mut db, update, insert, id) in sessions {
@@ -420,9 +419,8 @@ async fn settle(client: &Client) {
 /// writes back what the previous workload left while this one waits on its
 /// WAL flushes, and a workload's figure depends on what ran before it. W4
 /// already needed it after writing its history.
-async fn checkpoint(client: &Client) {
-    let conn = client.pool().get().await.unwrap();
-    conn.batch_execute("CHECKPOINT").await.unwrap();
+async fn checkpoint(db: &tokio_postgres::Client) {
+    db.batch_execute("CHECKPOINT").await.unwrap();
 }
 
 /// A no-op worker running in the background until `stop`.
@@ -485,7 +483,7 @@ where
     let warm = warm_up.await;
     wait_for(done, warm).await;
     pause(client, queue, true).await;
-    checkpoint(client).await;
+    checkpoint(&client.pool().get().await.unwrap()).await;
     let result = work.await;
     settle(client).await;
     let start = Instant::now();
