@@ -1,11 +1,17 @@
 //! `Worker`: claims steps of its queues, runs their handlers, heartbeats the
 //! leases, reports back, and shuts down gracefully.
 //!
-//! One loop owns the worker's turns: each turn reports the steps that finished
-//! and claims steps for the free slots in one call (`baton.complete_and_claim`:
-//! one round trip, one commit). Each claimed step runs in its own task. The
-//! loop wakes on `NOTIFY baton_ready` for its queues (a dedicated LISTEN
-//! connection), when a step finishes, and every `poll_interval` as a fallback.
+//! One loop owns the worker's turns, of two kinds (see `Turn`), at most one
+//! of each in flight: a report completes every step that finished since the
+//! last one in a durable commit; a claim leases steps for the free slots in a
+//! commit that does not wait for the WAL flush. Slots refill while reports
+//! are flushed, so a flush carries as many completions as finished meanwhile.
+//! When claims find the queues drained, reports take the free slots and the
+//! steps they unblock are handed over in the same call (`complete_and_claim`):
+//! a chain moves on in one round trip per step. Each claimed step runs in its
+//! own task. The loop wakes on `NOTIFY baton_ready` for its queues (a
+//! dedicated LISTEN connection), when a step finishes, and every
+//! `poll_interval` as a fallback.
 
 use crate::client::Client;
 use crate::context::{StepContext, StepError};
@@ -148,21 +154,22 @@ impl Worker {
         let mut pending: Vec<Completion> = Vec::new();
         let mut running = JoinSet::new();
         let mut turns: JoinSet<TurnResult> = JoinSet::new();
+        // At most one turn of each kind in flight (see `Turn`).
+        let (mut reporting, mut claiming) = (false, false);
         let mut want_claim = true;
-        let mut more_slots = false;
+        // The last claim came back short: nothing is ready beyond what the
+        // running steps will unblock. Then reports take the free slots and
+        // the steps their completions make ready are handed over at once
+        // (a chain moves on in one round trip per step), instead of a claim
+        // that would find nothing.
+        let mut drained = false;
         tokio::pin!(shutdown);
         debug!(worker = %w.name, queues = ?w.queues, "worker started");
 
         loop {
-            // Start a turn when there is something to report or room to claim:
-            // it reports what finished and claims for the free slots in one
-            // round trip and one commit. Two turns may be in flight, each with
-            // up to half the slots, so that one commit's wait overlaps the
-            // other turn's work.
-            //
             // Let steps that are about to finish report first, so that a turn
-            // (a commit) carries more of them: yield until a yield brings no
-            // new completion. Yields, not a timer: no added latency when the
+            // carries more of them: yield until a yield brings no new
+            // completion. Yields, not a timer: no added latency when the
             // running steps are busy.
             if !running.is_empty() {
                 for _ in 0..8 {
@@ -179,47 +186,56 @@ impl Worker {
             while let Ok(c) = done_rx.try_recv() {
                 pending.push(c);
             }
-            if !pending.is_empty() {
-                // their slots are free: the turn reporting them claims too
-                // (and so gets the steps they make runnable)
-                want_claim = true;
-            }
-            if turns.len() < TURNS_IN_FLIGHT {
-                let per_turn = w.concurrency.div_ceil(TURNS_IN_FLIGHT);
-                let free = if want_claim || more_slots {
-                    permits.available_permits().min(per_turn)
-                } else {
-                    0
-                };
-                let reserved = if free > 0 {
-                    permits.clone().try_acquire_many_owned(free as u32).ok()
-                } else {
-                    None
-                };
+            // Report: everything that finished, in one durable commit.
+            if !reporting && !pending.is_empty() {
+                let reserved = if drained { reserve(&permits, w.concurrency) } else { None };
                 let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
-                if !pending.is_empty() || asked > 0 {
-                    let done: Vec<Completion> =
-                        pending.drain(..pending.len().min(per_turn)).collect();
+                let done: Vec<Completion> = pending.drain(..pending.len().min(MAX_REPORT)).collect();
+                let w = w.clone();
+                turns.spawn(async move { (Turn::Report, turn(&w, done, asked).await, reserved, asked) });
+                reporting = true;
+                continue;
+            }
+            // Claim: the free slots, in a commit that does not wait for the
+            // WAL flush, so that a slot freed by a finished step is filled
+            // again while the reports' commits are still being flushed.
+            if !claiming && want_claim {
+                if let Some(reserved) = reserve(&permits, w.concurrency) {
+                    let asked = reserved.num_permits();
                     let w = w.clone();
-                    turns.spawn(async move { (turn(&w, done, asked).await, reserved, asked) });
+                    turns.spawn(async move { (Turn::Claim, claim(&w, asked).await, Some(reserved), asked) });
+                    claiming = true;
                     want_claim = false;
-                    // a full share asked for and slots left: the other turn
-                    // may claim them at once
-                    more_slots = asked == per_turn && permits.available_permits() > 0;
                     continue;
                 }
             }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = wake.notified() => want_claim = true,
-                Some(c) = done_rx.recv() => { pending.push(c); want_claim = true; }
-                Some(_) = running.join_next(), if !running.is_empty() => want_claim = true,
+                Some(c) = done_rx.recv() => {
+                    pending.push(c);
+                    // its slot is free: a claim fills it, or a report (drained)
+                    want_claim |= !drained;
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => want_claim |= !drained,
                 Some(finished) = turns.join_next(), if !turns.is_empty() => {
-                    let (result, mut reserved, asked) = finished.expect("a turn does not panic");
+                    let (kind, result, mut reserved, asked) = finished.expect("a turn does not panic");
+                    match kind {
+                        Turn::Report => reporting = false,
+                        Turn::Claim => claiming = false,
+                    }
                     match result {
                         Ok(claimed) => {
-                            if asked > 0 && claimed.len() == asked {
-                                want_claim = true; // a full batch: there may be more
+                            if claimed.len() < asked {
+                                drained = true;
+                            } else if asked > 1 {
+                                // A full batch of several: there may be more.
+                                // (One step is no sign of a backlog: a claim of
+                                // one finds a chain's next step as soon as its
+                                // report commits, and back in drained mode the
+                                // report would have handed it over anyway.)
+                                drained = false;
+                                want_claim = true;
                             }
                             for ctx in claimed {
                                 let permit = reserved.as_mut().and_then(|p| p.split(1)).expect("a permit per claimed step");
@@ -229,9 +245,8 @@ impl Worker {
                                     let step_id = ctx.step_id;
                                     let completion = run_step(&w, ctx).await;
                                     leases.lock().expect("leases").remove(&step_id);
-                                    // Free the slot before reporting, so that the turn
-                                    // carrying this completion can claim the next step
-                                    // (often the one it unblocks) in the same commit.
+                                    // Free the slot before reporting: a claim can
+                                    // fill it while the report's commit is flushed.
                                     drop(permit);
                                     if let Some(completion) = completion {
                                         let _ = done_tx.send(completion);
@@ -239,7 +254,8 @@ impl Worker {
                                 });
                             }
                         }
-                        Err(e) => warn!(worker = %w.name, error = %e, "turn failed; finished steps will run again, claiming resumes after the poll interval"),
+                        Err(e) if kind == Turn::Report => warn!(worker = %w.name, error = %e, "report failed; those steps will run again when their leases expire"),
+                        Err(e) => warn!(worker = %w.name, error = %e, "claim failed; claiming resumes after the poll interval"),
                     }
                     drop(reserved); // slots not used go back
                 }
@@ -249,7 +265,7 @@ impl Worker {
         // Turns in flight may lease steps (claimed, or handed over by a
         // completion): not to be run now, they are handed back below.
         while let Some(finished) = turns.join_next().await {
-            if let Ok((Ok(claimed), _, _)) = finished {
+            if let Ok((_, Ok(claimed), _, _)) = finished {
                 let mut held = leases.lock().expect("leases");
                 for ctx in claimed {
                     held.insert(ctx.step_id, ctx.lease_token);
@@ -299,20 +315,54 @@ struct Completion {
     output: serde_json::Value,
 }
 
-const TURNS_IN_FLIGHT: usize = 2;
+/// The worker's two kinds of turn. A report completes the finished steps in a
+/// durable commit (and, when the queues are drained, takes over the free slots
+/// for the steps it unblocks). A claim leases steps for the free slots in a
+/// commit that does not wait for the WAL flush: a claim lost in a crash is a
+/// lease that never was; the step runs again, as after a lost worker, and the
+/// worker's report of it is refused (its token is unknown). Any later durable
+/// commit that depends on the claim (the step's report) flushes it too.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Report,
+    Claim,
+}
 
-/// What a turn hands back: the claimed steps, the slots reserved for them,
-/// and how many it asked for.
+/// Most completions one report carries (one transaction, its run locks).
+const MAX_REPORT: usize = 500;
+
+/// What a turn hands back: its kind, the claimed steps, the slots reserved for
+/// them, and how many it asked for.
 type TurnResult = (
+    Turn,
     Result<Vec<StepContext>>,
     Option<OwnedSemaphorePermit>,
     usize,
 );
 
-/// Complete `done` and claim up to `max` steps: `baton.complete_and_claim`.
+/// Reserve every free slot (at most `max`), or None if none is free.
+fn reserve(permits: &Arc<Semaphore>, max: usize) -> Option<OwnedSemaphorePermit> {
+    let free = permits.available_permits().min(max);
+    if free == 0 {
+        return None;
+    }
+    permits.clone().try_acquire_many_owned(free as u32).ok()
+}
+
+const REPORT_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
+     FROM baton.complete_and_claim($1, $2, $3, $4, $5, $6, make_interval(secs => $7))";
+
+/// `set_config(..., true)` lasts to the end of the statement's own transaction:
+/// the pooled connection keeps its durable default for everything else.
+const CLAIM_SQL: &str = "SELECT c.step_id, c.lease_token, c.workflow_id, c.workflow, c.step, c.attempt, c.input, c.upstream, c.checkpoints \
+     FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async, \
+          baton.claim_steps($1, $2, $3, make_interval(secs => $4)) AS c";
+
+/// A report: complete `done` and take up to `max` steps (those the
+/// completions unblock first): `baton.complete_and_claim`, a durable commit.
 async fn turn(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Vec<StepContext>> {
     let span = info_span!(
-        "baton.claim",
+        "baton.report",
         worker = %w.name, completed = done.len(), max, claimed = tracing::field::Empty
     );
     async {
@@ -323,35 +373,54 @@ async fn turn(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Ve
         let lease = w.lease.as_secs_f64();
         // prepared once per connection: a turn is one round trip
         let stmt = conn
-            .prepare_cached(
-                "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
-                 FROM baton.complete_and_claim($1, $2, $3, $4, $5, $6, make_interval(secs => $7))",
-            )
+            .prepare_cached(REPORT_SQL)
             .await?;
         let rows = conn
             .query(&stmt, &[&ids, &tokens, &outputs, &w.name, &w.queues, &(max as i32), &lease])
             .await?;
-        tracing::Span::current().record("claimed", rows.len());
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                StepContext::new(
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                    r.get(5),
-                    r.get(6),
-                    r.get(7),
-                    r.get(8),
-                    w.client.clone(),
-                )
-            })
-            .collect())
+        Ok(contexts(w, rows))
     }
     .instrument(span)
     .await
+}
+
+/// A claim: lease up to `max` steps with `baton.claim_steps`, in a transaction
+/// of its own that commits without waiting for the WAL flush (see `Turn`).
+async fn claim(w: &WorkerBuilder, max: usize) -> Result<Vec<StepContext>> {
+    let span = info_span!("baton.claim", worker = %w.name, max, claimed = tracing::field::Empty);
+    async {
+        let conn = w.client.pool().get().await?;
+        let lease = w.lease.as_secs_f64();
+        let stmt = conn
+            .prepare_cached(CLAIM_SQL)
+            .await?;
+        let rows = conn
+            .query(&stmt, &[&w.name, &w.queues, &(max as i32), &lease])
+            .await?;
+        Ok(contexts(w, rows))
+    }
+    .instrument(span)
+    .await
+}
+
+fn contexts(w: &WorkerBuilder, rows: Vec<tokio_postgres::Row>) -> Vec<StepContext> {
+    tracing::Span::current().record("claimed", rows.len());
+    rows.into_iter()
+        .map(|r| {
+            StepContext::new(
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+                r.get(7),
+                r.get(8),
+                w.client.clone(),
+            )
+        })
+        .collect()
 }
 
 enum Outcome {
@@ -474,4 +543,52 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the test cluster that `scripts/test` starts (BATON_TEST_URL).
+    use super::*;
+
+    /// The claim turns off the flush wait for its own transaction, and only
+    /// for it: what follows on the same connection commits durably again.
+    #[tokio::test]
+    async fn a_claim_commits_without_the_flush_wait_and_only_itself() {
+        let url = std::env::var("BATON_TEST_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55441/baton_test".to_string());
+        let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster (run scripts/test)");
+        tokio::spawn(conn);
+        let queue = format!("async-claim-{}", Uuid::new_v4());
+        let def = serde_json::json!({"queue": queue, "steps": [{"name": "s"}]});
+        db.execute("SELECT baton.define_workflow($1, $2)", &[&queue, &def])
+            .await
+            .unwrap();
+        db.execute("SELECT baton.enqueue_workflow($1)", &[&queue])
+            .await
+            .unwrap();
+        let setting = "SELECT current_setting('synchronous_commit')";
+
+        let tx = db.transaction().await.unwrap();
+        let claimed = tx
+            .query(CLAIM_SQL, &[&"t", &vec![queue.clone()], &1i32, &30f64])
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "the step is claimed");
+        let inside: String = tx.query_one(setting, &[]).await.unwrap().get(0);
+        assert_eq!(inside, "off", "the claim's transaction commits asynchronously");
+        tx.commit().await.unwrap();
+
+        let after: String = db.query_one(setting, &[]).await.unwrap().get(0);
+        assert_eq!(after, "on", "the connection is durable again");
+        // The lease holds: the report completes the step under its token.
+        let (id, token): (i64, Uuid) = (claimed[0].get(0), claimed[0].get(1));
+        let status: String = db
+            .query_one("SELECT baton.complete_step($1, $2)", &[&id, &token])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(status, "succeeded");
+    }
 }
