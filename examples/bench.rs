@@ -353,6 +353,7 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
         sessions.push((db, update, insert, c as i32));
     }
     checkpoint(&setup).await;
+    let flushes_before = wal_flushes(&setup).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (mut db, update, insert, id) in sessions {
@@ -374,9 +375,14 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
         wall_s: start.elapsed().as_secs_f64(),
         enqueue_per_s: 0.0,
     };
+    let flushes = wal_flushes(&setup).await - flushes_before;
     f.print(
         &format!("W0_{clients}client"),
-        &format!(" commits_per_s={:.1} clients={clients}", f.steps_per_s()),
+        &format!(
+            " commits_per_s={:.1} clients={clients}{}",
+            f.steps_per_s(),
+            per_flush(f.steps, flushes)
+        ),
     );
     setup
         .batch_execute("DROP TABLE bench_floor, bench_log")
@@ -421,6 +427,27 @@ async fn settle(client: &Client) {
 /// already needed it after writing its history.
 async fn checkpoint(db: &tokio_postgres::Client) {
     db.batch_execute("CHECKPOINT").await.unwrap();
+}
+
+/// WAL flushes so far (`pg_stat_wal.wal_sync`): one flush makes every commit
+/// waiting on it durable, so commits per flush says how well they are grouped.
+/// A backend reports these counters at the latest when it exits; W0's
+/// sessions are closed when they finish, and this waits for them to exit.
+/// (A pooled connection that stays open may report up to 10 s late, so the
+/// drains are not counted this way.)
+async fn wal_flushes(db: &tokio_postgres::Client) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    db.query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn per_flush(n: usize, flushes: i64) -> String {
+    format!(
+        " wal_flushes={flushes} per_flush={:.1}",
+        n as f64 / flushes.max(1) as f64
+    )
 }
 
 /// A no-op worker running in the background until `stop`.
