@@ -61,6 +61,7 @@ max_connections = 100
 shared_buffers = ${BATON_SHARED_BUFFERS:-128MB}
 fsync = ${BATON_FSYNC:-on}
 log_min_messages = ${BATON_LOG_LEVEL:-warning}
+${BATON_EXTRA_CONF:-}
 CONF
     as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
     as_postgres "$PG_BIN/createdb" -h 127.0.0.1 -p "$port" -U postgres "$db"
