@@ -4,12 +4,14 @@
 # (127.0.0.1:55446, /tmp/pg_baton-crash; the extension must be installed).
 #
 # Ten claims commit durably, then twenty commit with synchronous_commit off,
-# each in its own transaction. The server is then stopped with -m immediate
+# each in its own transaction, with a heartbeat (a durable commit) after the
+# tenth of those. The server is then stopped with -m immediate
 # (every process killed at once, nothing more written) and restarted. The WAL
 # writer runs every 10 s here and the background worker as rarely, so the
 # last asynchronous claims are normally still in the WAL buffers and lost.
 # Checked after recovery:
-#  - every durable claim is still held;
+#  - every durable claim is still held, and so is every asynchronous claim made
+#    before the heartbeat: a durable commit flushes the claims before it;
 #  - the asynchronous claims that survived are a prefix of them (WAL order):
 #    none was lost before one that was kept;
 #  - a lost claim left nothing behind: its step is ready again with no token
@@ -24,17 +26,16 @@ source "$(dirname "$0")/../scripts/lib.sh"
 PORT=55446
 DB=baton_crash
 DIR=/tmp/pg_baton-crash
-BATON_INTERVAL=10s BATON_EXTRA_CONF="wal_writer_delay = 10s" start_cluster crash $PORT $DB
 trap 'stop_cluster crash' EXIT
+BATON_INTERVAL=10s BATON_EXTRA_CONF="wal_writer_delay = 10s" start_cluster crash $PORT $DB
 run_sql() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U postgres "$@" $DB; }
 
-# claims N ASYNC: N claims of one step, one transaction each; "i step_id token" lines
-claims() {
+# claim I [async]: the SQL of claim number I, one step in a transaction of
+# its own; prints "I step_id token"
+claim() {
     local prefix=""
-    [ "$2" = async ] && prefix="(SELECT set_config('synchronous_commit', 'off', true)) s, "
-    for i in $(seq "$1"); do
-        echo "SELECT $i, c.step_id, c.lease_token FROM ${prefix}baton.claim_steps('crash-test', ARRAY['crash'], 1) c;"
-    done | run_sql -At -F ' '
+    [ "${2:-}" = async ] && prefix="(SELECT set_config('synchronous_commit', 'off', true)) s, "
+    echo "SELECT $1, c.step_id, c.lease_token FROM ${prefix}baton.claim_steps('crash-test', ARRAY['crash'], 1) c;"
 }
 
 for try in 1 2 3; do
@@ -45,8 +46,14 @@ CREATE EXTENSION pg_baton;
 SELECT baton.define_workflow('crash', '{"queue": "crash", "steps": [{"name": "s"}]}') \g /dev/null
 SELECT baton.enqueue_workflows('crash', array_fill('{}'::jsonb, ARRAY[40])) \g /dev/null
 SQL
-    claims 10 durable > "$DIR/durable.txt"
-    claims 20 async > "$DIR/async.txt"
+    for i in $(seq 10); do claim "$i"; done | run_sql -At -F ' ' > "$DIR/durable.txt"
+    {
+        for i in $(seq 10); do claim "$i" async; done
+        # a heartbeat of the tenth: a durable commit that saw the claims
+        echo "SELECT baton.heartbeat(s.step_id, s.lease_token) FROM baton.steps s
+               WHERE s.worker = 'crash-test' AND s.status = 'running' ORDER BY s.step_id DESC LIMIT 1 \\g /dev/null"
+        for i in $(seq 11 20); do claim "$i" async; done
+    } | run_sql -At -F ' ' > "$DIR/async.txt"
     as_postgres "$PG_BIN/pg_ctl" -D "$DIR/data" -m immediate -w stop >/dev/null
     as_postgres "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
     [ "$(wc -l < "$DIR/durable.txt")" = 10 ] && [ "$(wc -l < "$DIR/async.txt")" = 20 ] \
@@ -87,6 +94,9 @@ BEGIN
      WHERE NOT EXISTS (SELECT FROM baton.steps s WHERE s.step_id = d.step_id AND s.lease_token = d.token
                           AND s.status = 'running');
     IF n > 0 THEN RAISE EXCEPTION 'crash.sh: % durable claims were lost', n; END IF;
+
+    SELECT count(*) INTO n FROM kept k WHERE k.i <= 10 AND NOT k.held;
+    IF n > 0 THEN RAISE EXCEPTION 'crash.sh: % claims made before the heartbeat were lost', n; END IF;
 
     SELECT count(*) INTO n FROM kept k WHERE k.held
        AND EXISTS (SELECT FROM kept l WHERE NOT l.held AND l.i < k.i);

@@ -43,6 +43,7 @@ pub struct WorkerBuilder {
     lease: Duration,
     poll_interval: Duration,
     shutdown_grace: Duration,
+    durable_claims: bool,
     handlers: HashMap<(String, String), Handler>,
 }
 
@@ -74,6 +75,15 @@ impl WorkerBuilder {
     /// How long shutdown waits for running steps before handing them back (default 30 s).
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
+        self
+    }
+    /// Claims wait for the WAL flush like every other commit (default: they
+    /// do not; README, "Claims that skip the flush wait"). A claim lost in a
+    /// server crash is not counted as an attempt and its step may briefly run
+    /// twice: turn this on for handlers that must never overlap a previous
+    /// attempt, or that might themselves crash the server.
+    pub fn durable_claims(mut self, on: bool) -> Self {
+        self.durable_claims = on;
         self
     }
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -113,7 +123,9 @@ pub struct Worker {
 }
 
 /// A step this worker holds: what shutdown hands back if its handler is cut off.
-type Leases = Arc<Mutex<HashMap<i64, Uuid>>>;
+/// Keyed by lease token, not step id: after a lost claim the same step can be
+/// claimed again while the old attempt still runs, and each holds its own lease.
+type Leases = Arc<Mutex<HashMap<Uuid, i64>>>;
 
 impl Worker {
     pub fn builder(client: &Client) -> WorkerBuilder {
@@ -125,6 +137,7 @@ impl Worker {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            durable_claims: false,
             handlers: HashMap::new(),
         }
     }
@@ -190,7 +203,7 @@ impl Worker {
             if !reporting && !pending.is_empty() {
                 let reserved = if drained { reserve(&permits, w.concurrency) } else { None };
                 let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
-                let done: Vec<Completion> = pending.drain(..pending.len().min(MAX_REPORT)).collect();
+                let done = next_report(&mut pending);
                 let w = w.clone();
                 turns.spawn(async move { (Turn::Report, turn(&w, done, asked).await, reserved, asked) });
                 reporting = true;
@@ -239,12 +252,12 @@ impl Worker {
                             }
                             for ctx in claimed {
                                 let permit = reserved.as_mut().and_then(|p| p.split(1)).expect("a permit per claimed step");
-                                leases.lock().expect("leases").insert(ctx.step_id, ctx.lease_token);
+                                leases.lock().expect("leases").insert(ctx.lease_token, ctx.step_id);
                                 let (w, leases, done_tx) = (w.clone(), leases.clone(), done_tx.clone());
                                 running.spawn(async move {
-                                    let step_id = ctx.step_id;
+                                    let token = ctx.lease_token;
                                     let completion = run_step(&w, ctx).await;
-                                    leases.lock().expect("leases").remove(&step_id);
+                                    leases.lock().expect("leases").remove(&token);
                                     // Free the slot before reporting: a claim can
                                     // fill it while the report's commit is flushed.
                                     drop(permit);
@@ -263,15 +276,24 @@ impl Worker {
             }
         }
         // Turns in flight may lease steps (claimed, or handed over by a
-        // completion): not to be run now, they are handed back below.
-        while let Some(finished) = turns.join_next().await {
-            if let Ok((_, Ok(claimed), _, _)) = finished {
-                let mut held = leases.lock().expect("leases");
-                for ctx in claimed {
-                    held.insert(ctx.step_id, ctx.lease_token);
+        // completion): not to be run now, they are handed back at once, before
+        // the grace period, so that their leases cannot expire meanwhile (an
+        // expired lease would use up an attempt). A database that does not
+        // answer gets the grace period, not forever.
+        let mut unstarted = Vec::new();
+        let joined = tokio::time::timeout(w.shutdown_grace, async {
+            while let Some(finished) = turns.join_next().await {
+                if let Ok((_, Ok(claimed), _, _)) = finished {
+                    unstarted.extend(claimed.into_iter().map(|ctx| (ctx.lease_token, ctx.step_id)));
                 }
             }
+        })
+        .await;
+        if joined.is_err() {
+            turns.abort_all();
+            warn!(worker = %w.name, "turns in flight did not end within the grace period; steps they leased wait for their leases to expire");
         }
+        release(&w, unstarted).await;
 
         // Graceful shutdown: no more claims; finish (or hand back) what runs.
         debug!(worker = %w.name, in_flight = running.len(), "worker stopping");
@@ -291,20 +313,33 @@ impl Worker {
                 warn!(worker = %w.name, error = %e, "could not report finished steps; they will run again");
             }
         }
-        let held: Vec<(i64, Uuid)> = leases.lock().expect("leases").drain().collect();
-        if !held.is_empty() {
-            let conn = w.client.pool().get().await?;
-            for (step_id, token) in held {
-                match conn
-                    .execute("SELECT baton.release_step($1, $2)", &[&step_id, &token])
-                    .await
-                {
-                    Ok(_) => debug!(step_id, "handed back on shutdown"),
-                    Err(e) => warn!(step_id, error = %Error::from(e), "could not hand back step"),
-                }
-            }
-        }
+        let held: Vec<(Uuid, i64)> = leases.lock().expect("leases").drain().collect();
+        release(&w, held).await;
         Ok(())
+    }
+}
+
+/// Hand leased steps back (`release_step`) so that another worker claims them
+/// at once, without using up an attempt.
+async fn release(w: &WorkerBuilder, held: Vec<(Uuid, i64)>) {
+    if held.is_empty() {
+        return;
+    }
+    let conn = match w.client.pool().get().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            warn!(worker = %w.name, error = %Error::from(e), "could not hand back steps; they wait for their leases to expire");
+            return;
+        }
+    };
+    for (token, step_id) in held {
+        match conn
+            .execute("SELECT baton.release_step($1, $2)", &[&step_id, &token])
+            .await
+        {
+            Ok(_) => debug!(step_id, "handed back on shutdown"),
+            Err(e) => warn!(step_id, error = %Error::from(e), "could not hand back step"),
+        }
     }
 }
 
@@ -319,9 +354,10 @@ struct Completion {
 /// durable commit (and, when the queues are drained, takes over the free slots
 /// for the steps it unblocks). A claim leases steps for the free slots in a
 /// commit that does not wait for the WAL flush: a claim lost in a crash is a
-/// lease that never was; the step runs again, as after a lost worker, and the
-/// worker's report of it is refused (its token is unknown). Any later durable
-/// commit that depends on the claim (the step's report) flushes it too.
+/// lease that never was; the step is claimable again at once, and this
+/// worker's late report of it changes nothing (`complete_and_claim` skips a
+/// token it does not know, with a NOTICE). Any later durable commit flushes the
+/// claim too (WAL is written in order). `durable_claims(true)` turns it off.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Turn {
     Report,
@@ -330,6 +366,30 @@ enum Turn {
 
 /// Most completions one report carries (one transaction, its run locks).
 const MAX_REPORT: usize = 500;
+
+/// Most steps one call may lease (`max_steps` of `claim_steps` and
+/// `complete_and_claim`): a worker with more slots fills them over several turns.
+const MAX_BATCH: usize = 1000;
+
+/// The completions of the next report: up to MAX_REPORT, each step once (a
+/// batch must not name a step twice). A step can finish twice here when its
+/// claim was lost in a crash and it was claimed again while the old attempt
+/// ran: the later completion waits for the next report, whose server-side
+/// check refuses whichever token is stale.
+fn next_report(pending: &mut Vec<Completion>) -> Vec<Completion> {
+    let mut seen = std::collections::HashSet::new();
+    let mut report = Vec::new();
+    let mut later = Vec::new();
+    for c in pending.drain(..) {
+        if report.len() < MAX_REPORT && seen.insert(c.step_id) {
+            report.push(c);
+        } else {
+            later.push(c);
+        }
+    }
+    *pending = later;
+    report
+}
 
 /// What a turn hands back: its kind, the claimed steps, the slots reserved for
 /// them, and how many it asked for.
@@ -342,7 +402,7 @@ type TurnResult = (
 
 /// Reserve every free slot (at most `max`), or None if none is free.
 fn reserve(permits: &Arc<Semaphore>, max: usize) -> Option<OwnedSemaphorePermit> {
-    let free = permits.available_permits().min(max);
+    let free = permits.available_permits().min(max).min(MAX_BATCH);
     if free == 0 {
         return None;
     }
@@ -351,6 +411,9 @@ fn reserve(permits: &Arc<Semaphore>, max: usize) -> Option<OwnedSemaphorePermit>
 
 const REPORT_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
      FROM baton.complete_and_claim($1, $2, $3, $4, $5, $6, make_interval(secs => $7))";
+
+const DURABLE_CLAIM_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
+     FROM baton.claim_steps($1, $2, $3, make_interval(secs => $4))";
 
 /// `set_config(..., true)` lasts to the end of the statement's own transaction:
 /// the pooled connection keeps its durable default for everything else.
@@ -391,9 +454,8 @@ async fn claim(w: &WorkerBuilder, max: usize) -> Result<Vec<StepContext>> {
     async {
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
-        let stmt = conn
-            .prepare_cached(CLAIM_SQL)
-            .await?;
+        let sql = if w.durable_claims { DURABLE_CLAIM_SQL } else { CLAIM_SQL };
+        let stmt = conn.prepare_cached(sql).await?;
         let rows = conn
             .query(&stmt, &[&w.name, &w.queues, &(max as i32), &lease])
             .await?;
@@ -549,6 +611,32 @@ async fn shutdown_signal() {
 mod tests {
     //! Against the test cluster that `scripts/test` starts (BATON_TEST_URL).
     use super::*;
+
+    fn done(step_id: i64) -> Completion {
+        Completion {
+            step_id,
+            token: Uuid::new_v4(),
+            output: serde_json::Value::Null,
+        }
+    }
+
+    /// A report never names a step twice (the server would refuse the whole
+    /// batch): a second completion of the same step waits for the next one.
+    #[test]
+    fn a_report_names_each_step_once() {
+        let mut pending = vec![done(1), done(2), done(1), done(3), done(1)];
+        let first = next_report(&mut pending);
+        assert_eq!(first.iter().map(|c| c.step_id).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(pending.iter().map(|c| c.step_id).collect::<Vec<_>>(), [1, 1]);
+        let second = next_report(&mut pending);
+        assert_eq!(second.iter().map(|c| c.step_id).collect::<Vec<_>>(), [1]);
+        assert_eq!(next_report(&mut pending).len(), 1);
+        assert!(pending.is_empty());
+
+        let mut many: Vec<Completion> = (0..(MAX_REPORT as i64 + 7)).map(done).collect();
+        assert_eq!(next_report(&mut many).len(), MAX_REPORT);
+        assert_eq!(many.len(), 7);
+    }
 
     /// The claim turns off the flush wait for its own transaction, and only
     /// for it: what follows on the same connection commits durably again.

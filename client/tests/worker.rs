@@ -111,6 +111,34 @@ async fn two_workers_share_a_queue_and_finish_every_run() {
     h2.await.unwrap().unwrap();
 }
 
+/// More slots than one call may lease (`max_steps` is at most 1000): the
+/// worker asks for 1000 at a time and still runs every step; and with
+/// `durable_claims(true)` its claims take the plain, durable path.
+#[tokio::test]
+async fn a_worker_with_more_slots_than_one_claim_may_lease() {
+    let c = client().await;
+    for durable in [false, true] {
+        let (wf, queue) = one_step(&c, "many_slots", "s").await;
+        let worker = Worker::builder(&c)
+            .queues([queue.clone()])
+            .concurrency(1500)
+            .durable_claims(durable)
+            .poll_interval(Duration::from_millis(100))
+            .handler(&wf, "s", |_ctx| async { Ok(json!({ "ok": true })) })
+            .build();
+        let (stop, handle) = spawn(worker);
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            runs.push(c.enqueue(&wf, &json!({}), EnqueueOptions::default()).await.unwrap());
+        }
+        for run in runs {
+            let out: serde_json::Value = c.wait_for(run, Duration::from_secs(10)).await.unwrap();
+            assert_eq!(out, json!({ "s": { "ok": true } }), "durable_claims({durable})");
+        }
+        shut(stop, handle).await;
+    }
+}
+
 /// Shutdown lets a running step finish within the grace period.
 #[tokio::test]
 async fn graceful_shutdown_finishes_steps_in_flight() {
