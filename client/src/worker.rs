@@ -201,11 +201,17 @@ impl Worker {
             }
             // Report: everything that finished, in one durable commit.
             if !reporting && !pending.is_empty() {
-                let reserved = if drained { reserve(&permits, w.concurrency) } else { None };
+                let reserved = if drained {
+                    reserve(&permits, w.concurrency)
+                } else {
+                    None
+                };
                 let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
                 let done = next_report(&mut pending);
                 let w = w.clone();
-                turns.spawn(async move { (Turn::Report, turn(&w, done, asked).await, reserved, asked) });
+                turns.spawn(
+                    async move { (Turn::Report, turn(&w, done, asked).await, reserved, asked) },
+                );
                 reporting = true;
                 continue;
             }
@@ -216,7 +222,9 @@ impl Worker {
                 if let Some(reserved) = reserve(&permits, w.concurrency) {
                     let asked = reserved.num_permits();
                     let w = w.clone();
-                    turns.spawn(async move { (Turn::Claim, claim(&w, asked).await, Some(reserved), asked) });
+                    turns.spawn(async move {
+                        (Turn::Claim, claim(&w, asked).await, Some(reserved), asked)
+                    });
                     claiming = true;
                     want_claim = false;
                     continue;
@@ -284,7 +292,11 @@ impl Worker {
         let joined = tokio::time::timeout(w.shutdown_grace, async {
             while let Some(finished) = turns.join_next().await {
                 if let Ok((_, Ok(claimed), _, _)) = finished {
-                    unstarted.extend(claimed.into_iter().map(|ctx| (ctx.lease_token, ctx.step_id)));
+                    unstarted.extend(
+                        claimed
+                            .into_iter()
+                            .map(|ctx| (ctx.lease_token, ctx.step_id)),
+                    );
                 }
             }
         })
@@ -435,11 +447,20 @@ async fn turn(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Ve
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
         // prepared once per connection: a turn is one round trip
-        let stmt = conn
-            .prepare_cached(REPORT_SQL)
-            .await?;
+        let stmt = conn.prepare_cached(REPORT_SQL).await?;
         let rows = conn
-            .query(&stmt, &[&ids, &tokens, &outputs, &w.name, &w.queues, &(max as i32), &lease])
+            .query(
+                &stmt,
+                &[
+                    &ids,
+                    &tokens,
+                    &outputs,
+                    &w.name,
+                    &w.queues,
+                    &(max as i32),
+                    &lease,
+                ],
+            )
             .await?;
         Ok(contexts(w, rows))
     }
@@ -454,7 +475,11 @@ async fn claim(w: &WorkerBuilder, max: usize) -> Result<Vec<StepContext>> {
     async {
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
-        let sql = if w.durable_claims { DURABLE_CLAIM_SQL } else { CLAIM_SQL };
+        let sql = if w.durable_claims {
+            DURABLE_CLAIM_SQL
+        } else {
+            CLAIM_SQL
+        };
         let stmt = conn.prepare_cached(sql).await?;
         let rows = conn
             .query(&stmt, &[&w.name, &w.queues, &(max as i32), &lease])
@@ -626,8 +651,14 @@ mod tests {
     fn a_report_names_each_step_once() {
         let mut pending = vec![done(1), done(2), done(1), done(3), done(1)];
         let first = next_report(&mut pending);
-        assert_eq!(first.iter().map(|c| c.step_id).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(pending.iter().map(|c| c.step_id).collect::<Vec<_>>(), [1, 1]);
+        assert_eq!(
+            first.iter().map(|c| c.step_id).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            pending.iter().map(|c| c.step_id).collect::<Vec<_>>(),
+            [1, 1]
+        );
         let second = next_report(&mut pending);
         assert_eq!(second.iter().map(|c| c.step_id).collect::<Vec<_>>(), [1]);
         assert_eq!(next_report(&mut pending).len(), 1);
@@ -665,7 +696,10 @@ mod tests {
             .unwrap();
         assert_eq!(claimed.len(), 1, "the step is claimed");
         let inside: String = tx.query_one(setting, &[]).await.unwrap().get(0);
-        assert_eq!(inside, "off", "the claim's transaction commits asynchronously");
+        assert_eq!(
+            inside, "off",
+            "the claim's transaction commits asynchronously"
+        );
         tx.commit().await.unwrap();
 
         let after: String = db.query_one(setting, &[]).await.unwrap().get(0);

@@ -129,11 +129,19 @@ async fn a_worker_with_more_slots_than_one_claim_may_lease() {
         let (stop, handle) = spawn(worker);
         let mut runs = Vec::new();
         for _ in 0..5 {
-            runs.push(c.enqueue(&wf, &json!({}), EnqueueOptions::default()).await.unwrap());
+            runs.push(
+                c.enqueue(&wf, &json!({}), EnqueueOptions::default())
+                    .await
+                    .unwrap(),
+            );
         }
         for run in runs {
             let out: serde_json::Value = c.wait_for(run, Duration::from_secs(10)).await.unwrap();
-            assert_eq!(out, json!({ "s": { "ok": true } }), "durable_claims({durable})");
+            assert_eq!(
+                out,
+                json!({ "s": { "ok": true } }),
+                "durable_claims({durable})"
+            );
         }
         shut(stop, handle).await;
     }
