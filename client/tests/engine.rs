@@ -514,27 +514,29 @@ async fn racing_transitions_on_one_run_do_not_deadlock() {
     let claimed = claim(&c, "w", &queue, 1000, "30 seconds").await;
     assert_eq!(claimed.len(), 120);
 
-    // Each parallel step is completed or failed from its own session at once,
-    // and every fourth run is cancelled in the middle of it.
-    let mut tasks = Vec::new();
+    // The parallel steps are completed or failed from twelve sessions at once
+    // (the six steps of a run each in a different one), and every fourth run is
+    // cancelled in the middle of it. Twelve, not one per step: the suite's other
+    // tests share the cluster's 100 connections.
+    const SESSIONS: usize = 12;
+    let mut shares: Vec<Vec<(usize, Claimed)>> = (0..SESSIONS).map(|_| Vec::new()).collect();
     for (i, s) in claimed.into_iter().enumerate() {
+        shares[i % SESSIONS].push((i, s));
+    }
+    let mut tasks = Vec::new();
+    for share in shares {
         tasks.push(tokio::spawn(async move {
             let c = connect().await;
-            if i % 5 == 0 {
-                c.query_one(
-                    "SELECT baton.fail_step($1, $2, 'no')",
-                    &[&s.step_id, &s.token],
-                )
-                .await
-                .map(|_| ())
-            } else {
-                c.query_one(
-                    "SELECT baton.complete_step($1, $2)",
-                    &[&s.step_id, &s.token],
-                )
-                .await
-                .map(|_| ())
+            let mut results = Vec::new();
+            for (i, s) in share {
+                let sql = if i % 5 == 0 {
+                    "SELECT baton.fail_step($1, $2, 'no')"
+                } else {
+                    "SELECT baton.complete_step($1, $2)"
+                };
+                results.push(c.query_one(sql, &[&s.step_id, &s.token]).await.map(|_| ()));
             }
+            results
         }));
     }
     for (i, run) in runs.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
@@ -542,13 +544,14 @@ async fn racing_transitions_on_one_run_do_not_deadlock() {
         tasks.push(tokio::spawn(async move {
             let c = connect().await;
             tokio::time::sleep(Duration::from_millis(i as u64)).await;
-            c.query_one("SELECT baton.cancel_workflow($1)", &[&run])
+            vec![c
+                .query_one("SELECT baton.cancel_workflow($1)", &[&run])
                 .await
-                .map(|_| ())
+                .map(|_| ())]
         }));
     }
     for t in tasks {
-        if let Err(e) = t.await.unwrap() {
+        for e in t.await.unwrap().into_iter().filter_map(Result::err) {
             // A step whose run was failed or cancelled first has lost its lease;
             // anything else (a deadlock above all) is a bug.
             assert_eq!(

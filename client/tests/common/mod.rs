@@ -15,7 +15,7 @@ pub fn url() -> String {
 pub async fn connect() -> Client {
     let (client, conn) = tokio_postgres::connect(&url(), NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {} (run scripts/test): {e}", url()));
+        .unwrap_or_else(|e| panic!("cannot connect to {} (run scripts/test): {e:?}", url()));
     tokio::spawn(async move {
         let _ = conn.await;
     });
