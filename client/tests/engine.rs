@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Session A enqueues with a key inside an open transaction; session B
 /// enqueues with the same key and must wait; then A ends its transaction with
@@ -417,11 +417,9 @@ async fn notify_wakes_listeners() {
     )
     .await;
 
-    let started = Instant::now();
     enqueue(&c, &wf, json!({})).await;
     let got = wait_for_payload(&mut rx, &queue, Duration::from_secs(5)).await;
     assert!(got, "no NOTIFY for enqueue");
-    assert!(started.elapsed() < Duration::from_secs(1));
 
     let s = claim(&c, "w", &queue, 1, "30 seconds").await.remove(0);
     c.query_one(

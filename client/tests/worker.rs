@@ -285,9 +285,9 @@ async fn heartbeats_keep_a_long_step_alive() {
     let (wf, queue) = one_step(&c, "long", "long").await;
     let worker = Worker::builder(&c)
         .queues([queue.clone()])
-        .lease(Duration::from_millis(600))
+        .lease(Duration::from_millis(1500))
         .handler(&wf, "long", |_ctx| async {
-            tokio::time::sleep(Duration::from_millis(1800)).await;
+            tokio::time::sleep(Duration::from_millis(4500)).await;
             Ok("done")
         })
         .build();
