@@ -218,7 +218,7 @@ async fn lost_lease_rolls_back_the_workers_transaction() {
 
     // The lease expires; another worker takes the step over and finishes it.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let second = claim(&c, "fast", &queue, 1, "30 seconds").await.remove(0);
+    let second = claim_one(&c, "fast", &queue, "30 seconds").await;
     assert_eq!((second.step_id, second.attempt), (first.step_id, 2));
     c.batch_execute("BEGIN").await.unwrap();
     c.execute(&format!("INSERT INTO {table} VALUES ('fast')"), &[])

@@ -112,6 +112,24 @@ pub async fn claim(
         .collect()
 }
 
+/// One step of `queue`, claimed as soon as there is one (within 10 s). For a
+/// step taken over after its lease expired: a claim comes back empty while the
+/// background worker is reclaiming that lease at the same moment (it skips a run
+/// another transition holds), and the step is ready again right after.
+pub async fn claim_one(client: &Client, worker: &str, queue: &str, lease: &str) -> Claimed {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = claim(client, worker, queue, 1, lease).await.pop() {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no step of {queue} could be claimed within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn run_status(client: &Client, run: uuid::Uuid) -> String {
     client
         .query_one(
