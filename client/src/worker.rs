@@ -209,9 +209,9 @@ impl Worker {
                 let asked = reserved.as_ref().map_or(0, |p| p.num_permits());
                 let done = next_report(&mut pending);
                 let w = w.clone();
-                turns.spawn(
-                    async move { (Turn::Report, turn(&w, done, asked).await, reserved, asked) },
-                );
+                turns.spawn(async move {
+                    (Turn::Report, report(&w, done, asked).await, reserved, asked)
+                });
                 reporting = true;
                 continue;
             }
@@ -321,7 +321,7 @@ impl Worker {
             pending.push(c);
         }
         if !pending.is_empty() {
-            if let Err(e) = turn(&w, pending, 0).await {
+            if let Err(e) = report(&w, pending, 0).await {
                 warn!(worker = %w.name, error = %e, "could not report finished steps; they will run again");
             }
         }
@@ -435,7 +435,7 @@ const CLAIM_SQL: &str = "SELECT c.step_id, c.lease_token, c.workflow_id, c.workf
 
 /// A report: complete `done` and take up to `max` steps (those the
 /// completions unblock first): `baton.complete_and_claim`, a durable commit.
-async fn turn(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Vec<StepContext>> {
+async fn report(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Vec<StepContext>> {
     let span = info_span!(
         "baton.report",
         worker = %w.name, completed = done.len(), max, claimed = tracing::field::Empty
