@@ -41,6 +41,9 @@ install_extension() {
     local flag=--release
     [ "${BATON_PROFILE:-release}" = debug ] && flag=
     (cd "$REPO" && cargo pgrx install $flag --pg-config "$PG_CONFIG" >/dev/null)
+    # The install scripts of released versions, so that a database can be
+    # created at one and upgraded (cargo pgrx copies only the upgrade scripts).
+    install -m 644 "$REPO"/sql/released/pg_baton--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 }
 
 # start_cluster NAME PORT DATABASE: a private cluster with pg_baton preloaded and

@@ -44,6 +44,15 @@ BEGIN
         RAISE EXCEPTION 'step_ids, lease_tokens and outputs must have the same length'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- one-dimensional and indexed from 1, or positions would not match (one
+    -- expression: this is every turn's path)
+    IF array_ndims(_complete.step_ids) > 1 OR array_lower(_complete.step_ids, 1) <> 1
+       OR array_ndims(_complete.lease_tokens) > 1 OR array_lower(_complete.lease_tokens, 1) <> 1
+       OR array_ndims(_complete.outputs) > 1 OR array_lower(_complete.outputs, 1) <> 1 THEN
+        PERFORM baton._check_array(_complete.step_ids, 'step_ids');
+        PERFORM baton._check_array(_complete.lease_tokens, 'lease_tokens');
+        PERFORM baton._check_array(_complete.outputs, 'outputs');
+    END IF;
     IF cardinality(_complete.step_ids) = 0 THEN
         RETURN;
     END IF;
@@ -78,7 +87,7 @@ BEGIN
     ), handoff AS (
         SELECT h.run_id, h.step_no
           FROM next h
-         WHERE h.ready AND h.queue = ANY (_complete.queues) AND h.run_at <= now()
+         WHERE h.ready AND h.queue = ANY (_complete.queues)
            AND NOT EXISTS (SELECT FROM baton.queues c
                             WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL))
            -- exactly the claim's order: no ready step of the worker's queues
@@ -90,7 +99,7 @@ BEGIN
                                FROM unnest(_complete.queues) AS w(queue)
                               CROSS JOIN LATERAL (
                                     SELECT r.priority, r.run_at, r.step_id FROM baton.steps r
-                                     WHERE r.status = 'ready' AND r.queue = w.queue AND r.run_at <= now()
+                                     WHERE r.status = 'ready' AND r.queue = w.queue
                                      ORDER BY r.priority DESC, r.run_at, r.step_id LIMIT 1) t
                               ORDER BY t.priority DESC, t.run_at, t.step_id LIMIT 1), false)
          ORDER BY h.priority DESC, h.run_at, h.step_id
@@ -106,7 +115,7 @@ BEGIN
                worker = CASE WHEN h.step_no IS NOT NULL THEN _complete.worker END,
                lease_token = CASE WHEN h.step_no IS NOT NULL THEN gen_random_uuid() END,
                lease_expires_at = CASE WHEN h.step_no IS NOT NULL THEN
-                                  now() + least(_complete.lease, coalesce(x.timeout, _complete.lease)) END,
+                                  clock_timestamp() + least(_complete.lease, coalesce(x.timeout, _complete.lease)) END,
                started_at = CASE WHEN h.step_no IS NOT NULL THEN now() END
           FROM next x
           LEFT JOIN handoff h ON h.run_id = x.run_id AND h.step_no = x.step_no
@@ -183,6 +192,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     run_status text;
 BEGIN
+    PERFORM baton._require(complete_step.step_id, 'step_id');
+    PERFORM baton._require(complete_step.lease_token, 'lease_token');
     SELECT c.status INTO run_status
       FROM baton.complete_steps(ARRAY[complete_step.step_id], ARRAY[complete_step.lease_token],
                                 ARRAY[complete_step.output]) c;
@@ -226,9 +237,21 @@ BEGIN
         IF complete_and_claim.queues IS NULL OR cardinality(complete_and_claim.queues) = 0 THEN
             RAISE EXCEPTION 'queues must name at least one queue' USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        IF complete_and_claim.lease IS NULL OR complete_and_claim.lease <= interval '0' THEN
-            RAISE EXCEPTION 'lease must be a positive interval, got %', complete_and_claim.lease
-                USING ERRCODE = 'invalid_parameter_value';
+        -- _interval_ok written out: this is every turn's path
+        IF complete_and_claim.lease IS NULL OR NOT (complete_and_claim.lease > interval '0'
+               AND complete_and_claim.lease <= interval '10 years' AND extract(day FROM complete_and_claim.lease) >= 0
+               AND extract(month FROM complete_and_claim.lease) >= 0 AND extract(year FROM complete_and_claim.lease) >= 0
+               AND complete_and_claim.lease - date_trunc('day', complete_and_claim.lease) >= interval '0') THEN
+            PERFORM baton._require(complete_and_claim.lease, 'lease');
+            PERFORM baton._check_interval(complete_and_claim.lease, 'lease');
+        END IF;
+        -- names travel in NOTIFY payloads and index keys (see _check_length)
+        IF octet_length(complete_and_claim.worker) > 200
+           OR array_ndims(complete_and_claim.queues) > 1 OR array_lower(complete_and_claim.queues, 1) <> 1
+           OR EXISTS (SELECT FROM unnest(complete_and_claim.queues) q WHERE octet_length(q) > 200) THEN
+            PERFORM baton._check_length(complete_and_claim.worker, 'worker');
+            PERFORM baton._check_array(complete_and_claim.queues, 'queues');
+            RAISE EXCEPTION 'queues must be names of at most 200 bytes each' USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END IF;
 
@@ -277,8 +300,10 @@ DECLARE
     run uuid := baton._run_of(fail_step.step_id);
     s baton.steps;
 BEGIN
+    PERFORM baton._require(fail_step.step_id, 'step_id');
+    PERFORM baton._require(fail_step.lease_token, 'lease_token');
     PERFORM baton._require(fail_step.error, 'error');
-    IF run IS NULL OR fail_step.lease_token IS NULL THEN
+    IF run IS NULL THEN
         PERFORM baton._lease_lost(fail_step.step_id);
     END IF;
     PERFORM baton._lock_run(run);
@@ -293,13 +318,3 @@ BEGIN
 
     RETURN baton._end_attempt(s, 'failed', fail_step.error, coalesce(fail_step.retryable, true));
 END $$;
-
--- Planner settings of the hot path's entry points, inherited by the functions
--- they call (claim_steps calls complete_and_claim). Every lookup there is a
--- probe by key: the planner must not pick a scan or a hash join, whatever the
--- statistics say. A generic plan is made once per session, maybe while the
--- tables were small or no step was ready.
-ALTER FUNCTION complete_steps(bigint[], uuid[], jsonb[]) SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off;
-ALTER FUNCTION complete_and_claim(bigint[], uuid[], jsonb[], text, text[], integer, interval) SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off;

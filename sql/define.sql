@@ -15,9 +15,9 @@ BEGIN
         RAISE EXCEPTION '%: field "%" is not a valid interval: "%"', whose, field, txt
             USING ERRCODE = 'invalid_parameter_value';
     END;
-    IF result <= interval '0' THEN
-        RAISE EXCEPTION '%: field "%" must be positive, got "%"', whose, field, txt
-            USING ERRCODE = 'invalid_parameter_value';
+    IF NOT baton._interval_ok(result) THEN
+        RAISE EXCEPTION '%: field "%" must be a positive interval of at most 10 years with no negative part, got "%"',
+            whose, field, txt USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN result;
 END $$;

@@ -36,8 +36,9 @@ END $$;
 -- backoff or, when attempts are used up or the error is final, fail the step
 -- and its run. A lost lease (backoff => false) is retried at once: the worker
 -- went away, the step did not fail. The caller holds the run lock and the step
--- row. Returns 'retrying' or 'failed'.
-CREATE FUNCTION _end_attempt(s baton.steps, outcome text, error text, retryable boolean, backoff boolean DEFAULT true)
+-- row; nowait is for _finish_run. Returns 'retrying' or 'failed'.
+CREATE FUNCTION _end_attempt(s baton.steps, outcome text, error text, retryable boolean, backoff boolean DEFAULT true,
+                             nowait boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
@@ -69,16 +70,18 @@ BEGIN
         ELSE
             delay := least(initial * power(multiplier, s.attempt - 1), cap);
         END IF;
-        delay := delay * (1 + random() * 0.1);  -- up to 10% jitter; 0 stays 0
+        -- up to 10% jitter (0 stays 0); never past 10 years, the longest
+        -- interval a definition may name (a policy stored before that rule)
+        delay := least(delay * (1 + random() * 0.1), 315360000);
 
+        -- with a delay it waits, scheduled, and the background worker makes
+        -- it ready (and tells workers) when it is due
         UPDATE baton.steps t
-           SET status = 'ready', run_at = now() + make_interval(secs => delay),
+           SET status = CASE WHEN delay > 0 THEN 'scheduled' ELSE 'ready' END::baton.step_status,
+               run_at = now() + make_interval(secs => delay),
                worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error
          WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-        -- workers hear of it when it is due: now, or by a timer
-        IF delay > 0 THEN
-            PERFORM baton._wake_later(s.queue, now() + make_interval(secs => delay));
-        ELSE
+        IF delay = 0 THEN
             PERFORM pg_notify('baton_ready', s.queue);
         END IF;
         RETURN 'retrying';
@@ -87,51 +90,111 @@ BEGIN
     UPDATE baton.steps t
        SET status = 'failed', finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = error
      WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-    PERFORM baton._finish_run(s.run_id, 'failed', format('step "%s" failed: %s', s.name, error));
+    PERFORM baton._finish_run(s.run_id, 'failed', format('step "%s" failed: %s', s.name, error), nowait);
     RETURN 'failed';
 END $$;
 
 -- Return expired leases (in the given queues, or all when NULL) to ready, each
--- counted as a lost attempt. Runs busy with another transition are skipped and
--- left for the next call. Returns how many leases were reclaimed.
+-- counted as a lost attempt, soonest expired first. Runs busy with another
+-- transition are skipped and left for the next call. Returns how many leases
+-- were reclaimed. Both forms read only expired entries of steps_running (by
+-- queue and expiry), never the healthy leases, however many there are.
 --
 -- may_fail => false (a claim's own reclaim) skips steps whose last attempt
 -- this was: failing one fails its run and cancels the run's other steps, rows
 -- the claiming transaction may have to wait for while it holds candidate rows
 -- of its own, which two claims could do to each other (a deadlock). Only the
 -- background worker, which holds nothing else, fails them: within an interval.
+-- It never waits for a row another transaction holds (an open transaction
+-- that heartbeats a sibling step, say): that run is skipped for this round.
+-- And each of its steps is reclaimed in a subtransaction of its own, so that
+-- one step that cannot be (whatever the reason) is logged and skipped, and
+-- the others are reclaimed.
 CREATE FUNCTION _reclaim_expired(queues text[], max_steps integer, may_fail boolean DEFAULT true) RETURNS integer
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 DECLARE
     candidate record;
-    s baton.steps;
     reclaimed integer := 0;
 BEGIN
+    IF queues IS NOT NULL THEN
+        FOR candidate IN
+            SELECT e.run_id, e.step_no FROM baton.steps e
+             WHERE e.status = 'running' AND e.queue = ANY (queues) AND e.lease_expires_at < now()
+               AND e.attempt < e.max_attempts
+             ORDER BY e.lease_expires_at
+             LIMIT max_steps
+        LOOP
+            IF baton._reclaim_one(candidate.run_id, candidate.step_no, false) THEN
+                reclaimed := reclaimed + 1;
+            END IF;
+        END LOOP;
+        RETURN reclaimed;
+    END IF;
+
+    -- Every queue: the queues that have leases, found by skipping through
+    -- steps_running (one probe per queue), then each queue's expired ones.
     FOR candidate IN
-        SELECT e.run_id, e.step_no FROM baton.steps e
-         WHERE e.status = 'running' AND e.lease_expires_at < now()
-           AND (queues IS NULL OR e.queue = ANY (queues))
-           AND (may_fail OR e.attempt < e.max_attempts)
+        WITH RECURSIVE q(name) AS (
+            SELECT (SELECT min(r.queue) FROM baton.steps r WHERE r.status = 'running')
+            UNION ALL
+            SELECT (SELECT min(r.queue) FROM baton.steps r WHERE r.status = 'running' AND r.queue > q.name)
+              FROM q WHERE q.name IS NOT NULL)
+        SELECT e.run_id, e.step_no
+          FROM q CROSS JOIN LATERAL (
+                SELECT r.run_id, r.step_no, r.lease_expires_at FROM baton.steps r
+                 WHERE r.status = 'running' AND r.queue = q.name AND r.lease_expires_at < now()
+                 ORDER BY r.lease_expires_at
+                 LIMIT max_steps) e
+         WHERE q.name IS NOT NULL
+         ORDER BY e.lease_expires_at
          LIMIT max_steps
     LOOP
-        -- run lock first, then the row (the order every multi-row transition uses)
-        CONTINUE WHEN NOT baton._try_lock_run(candidate.run_id);
-        -- by primary key, then checked: a status test in the query could send
-        -- the planner through steps_running, a walk of every leased step
-        SELECT * INTO s FROM baton.steps e
-         WHERE e.run_id = candidate.run_id AND e.step_no = candidate.step_no
-           FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND OR NOT coalesce(s.status = 'running' AND s.lease_expires_at < now(), false)
-                   OR NOT (may_fail OR s.attempt < s.max_attempts);
-        IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
-            PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8), true, false);
-        ELSE
-            PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker), true, false);
-        END IF;
-        reclaimed := reclaimed + 1;
+        BEGIN
+            IF baton._reclaim_one(candidate.run_id, candidate.step_no, true) THEN
+                reclaimed := reclaimed + 1;
+            END IF;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                NULL;  -- a step of the run is held by an open transaction: next round
+            WHEN OTHERS THEN
+                RAISE WARNING 'pg_baton: reclaiming the lease of step % of run % failed: % (SQLSTATE %)',
+                    candidate.step_no, candidate.run_id, SQLERRM, SQLSTATE;
+        END;
     END LOOP;
     RETURN reclaimed;
+END $$;
+
+-- Reclaim one expired lease, if it still is one and its run is free: true
+-- when it did. may_fail as above; with may_fail the run's other steps are
+-- never waited for (55P03 instead).
+CREATE FUNCTION _reclaim_one(run_id uuid, step_no integer, may_fail boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    s baton.steps;
+BEGIN
+    -- run lock first, then the row (the order every multi-row transition uses)
+    IF NOT baton._try_lock_run(run_id) THEN
+        RETURN false;
+    END IF;
+    -- by primary key, then checked: a status test in the query could send
+    -- the planner through steps_running, a walk of every leased step
+    SELECT * INTO s FROM baton.steps e
+     WHERE e.run_id = run_id AND e.step_no = step_no
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR NOT coalesce(s.status = 'running' AND s.lease_expires_at < now(), false)
+       OR NOT (may_fail OR s.attempt < s.max_attempts) THEN
+        RETURN false;
+    END IF;
+    IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
+        PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8),
+                                   true, false, may_fail);
+    ELSE
+        PERFORM baton._end_attempt(s, 'lease_expired', format('lease held by worker "%s" expired', s.worker),
+                                   true, false, may_fail);
+    END IF;
+    RETURN true;
 END $$;
 
 -- The claim, for complete_and_claim (and so claim_steps): lease up to `want`
@@ -161,28 +224,28 @@ BEGIN
             qslots := array_fill(want, ARRAY[cardinality(qnames)]);
         END IF;
         EXIT WHEN qnames IS NULL;  -- every queue is paused or at its limit
+        IF cardinality(qnames) > 1 THEN
+            claimed_now := baton._claim_many(_claim.worker, qnames, qslots, want, _claim.lease);
+        ELSE
+        -- One queue: an ordered scan of steps_ready that locks what it takes,
+        -- skipping rows other claimers hold.
         WITH candidates AS MATERIALIZED (
-            -- per queue: an ordered scan of steps_ready, skipping rows other
-            -- claimers hold; then the best `want` over all queues
-            SELECT c.ctid
-              FROM unnest(qnames, qslots) AS q(name, slots)
-             CROSS JOIN LATERAL (
-                   SELECT r.ctid, r.step_id, r.priority, r.run_at
-                     FROM baton.steps r
-                    WHERE r.status = 'ready' AND r.queue = q.name AND r.run_at <= now()
-                    ORDER BY r.priority DESC, r.run_at, r.step_id
-                    LIMIT q.slots
-                      FOR UPDATE SKIP LOCKED) c
-             ORDER BY c.priority DESC, c.run_at, c.step_id
-             LIMIT want
+            SELECT r.ctid
+              FROM baton.steps r
+             WHERE r.status = 'ready' AND r.queue = qnames[1]
+             ORDER BY r.priority DESC, r.run_at, r.step_id
+             LIMIT least(qslots[1], want)
+               FOR UPDATE SKIP LOCKED
         ), claimed AS (
             UPDATE baton.steps s
                SET status = 'running',
                    attempt = s.attempt + 1,
                    worker = _claim.worker,
                    lease_token = gen_random_uuid(),
-                   lease_expires_at = now() + CASE WHEN s.timeout IS NULL THEN _claim.lease
-                                                   ELSE least(_claim.lease, s.timeout) END,
+                   -- from the clock, not now(): a claim inside a long
+                   -- transaction still gets its whole lease
+                   lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim.lease
+                                                               ELSE least(_claim.lease, s.timeout) END,
                    started_at = now()
              -- The plan must not depend on how many steps are ready (a generic
              -- plan cannot know): every lookup below is written as a probe by
@@ -201,6 +264,7 @@ BEGIN
              WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
         )
         SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
+        END IF;
         leased := leased || claimed_now;
         want := want - coalesce(cardinality(claimed_now), 0);
         -- A full batch: done. A short one: take back the expired leases of
@@ -209,6 +273,73 @@ BEGIN
         -- for it). Last attempts are left to it (see _reclaim_expired).
         EXIT WHEN want = 0 OR pass = 2;
         EXIT WHEN baton._reclaim_expired(_claim.queues, 100, false) = 0;
+    END LOOP;
+    RETURN leased;
+END $$;
+
+-- A claim over several queues (qnames, with the slots each can give): the
+-- best `want` ready steps over all of them. They are picked first without a
+-- lock and then locked (SKIP LOCKED), so that the claim holds only the rows
+-- it takes: locking each queue's best `want` would hold rows that another
+-- claim could have had. Picked rows that another claim got first are passed
+-- over and the pick goes on past them, until `want` are leased or no ready
+-- step is left that it has not tried.
+CREATE FUNCTION _claim_many(worker text, qnames text[], qslots integer[], want integer, lease interval) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    picked tid[];
+    picked_ids bigint[];
+    passed bigint[] := '{}';
+    claimed_now bigint[];
+    claimed_queues text[];
+    leased bigint[] := '{}';
+BEGIN
+    LOOP
+        SELECT array_agg(c.ctid ORDER BY c.priority DESC, c.run_at, c.step_id), array_agg(c.step_id)
+          INTO picked, picked_ids
+          FROM (SELECT c.ctid, c.step_id, c.priority, c.run_at
+                  FROM unnest(qnames, qslots) AS q(name, slots)
+                 CROSS JOIN LATERAL (
+                       SELECT r.ctid, r.step_id, r.priority, r.run_at
+                         FROM baton.steps r
+                        WHERE r.status = 'ready' AND r.queue = q.name AND NOT (r.step_id = ANY (passed))
+                        ORDER BY r.priority DESC, r.run_at, r.step_id
+                        LIMIT greatest(q.slots, 0)) c
+                 ORDER BY c.priority DESC, c.run_at, c.step_id
+                 LIMIT want) c;
+        EXIT WHEN picked IS NULL;
+        passed := passed || picked_ids;
+        WITH locked AS MATERIALIZED (
+            -- by ctid (a TID scan); the status test is a filter, which the
+            -- lock re-checks on a version changed since the pick (TID scans
+            -- do not re-check their ctid). Written as text so that it can
+            -- never make steps_ready the planner's path instead.
+            SELECT l.ctid FROM baton.steps l
+             WHERE l.ctid = ANY (picked) AND l.status::text = 'ready'
+               FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE baton.steps s
+               SET status = 'running',
+                   attempt = s.attempt + 1,
+                   worker = _claim_many.worker,
+                   lease_token = gen_random_uuid(),
+                   lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_many.lease
+                                                               ELSE least(_claim_many.lease, s.timeout) END,
+                   started_at = now()
+             WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
+            RETURNING s.step_id, s.run_id, s.queue
+        ), started AS (
+            UPDATE baton.runs r SET status = 'running', started_at = now()
+             WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
+        )
+        SELECT array_agg(c.step_id), array_agg(c.queue) INTO claimed_now, claimed_queues FROM claimed c;
+        leased := leased || coalesce(claimed_now, '{}');
+        want := want - coalesce(cardinality(claimed_now), 0);
+        EXIT WHEN want <= 0;
+        -- a limited queue gives what is left of its slots
+        qslots := ARRAY(SELECT q.slots - (SELECT count(*) FROM unnest(claimed_queues) AS t(name) WHERE t.name = q.name)
+                          FROM unnest(qnames, qslots) WITH ORDINALITY AS q(name, slots, n) ORDER BY q.n);
     END LOOP;
     RETURN leased;
 END $$;
@@ -232,7 +363,9 @@ BEGIN
     RETURN QUERY SELECT * FROM baton.complete_and_claim('{}', '{}', '{}', worker, queues, max_steps, lease);
 END $$;
 
--- Extend a lease. An attempt's lease never runs past its step's timeout.
+-- Extend a lease: it expires `lease` from now, by the clock (not the
+-- transaction's start: a heartbeat inside a long transaction must not return
+-- a time already past). An attempt's lease never runs past its step's timeout.
 CREATE FUNCTION heartbeat(step_id bigint, lease_token uuid, lease interval DEFAULT '30 seconds')
 RETURNS timestamptz
 LANGUAGE plpgsql AS $$
@@ -240,13 +373,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     expires timestamptz;
 BEGIN
-    IF heartbeat.lease IS NULL OR heartbeat.lease <= interval '0' THEN
-        RAISE EXCEPTION 'lease must be a positive interval, got %', heartbeat.lease
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM baton._require(heartbeat.step_id, 'step_id');
+    PERFORM baton._require(heartbeat.lease_token, 'lease_token');
+    PERFORM baton._require(heartbeat.lease, 'lease');
+    PERFORM baton._check_interval(heartbeat.lease, 'lease');
     UPDATE baton.steps s
-       SET lease_expires_at = CASE WHEN s.timeout IS NULL THEN now() + heartbeat.lease
-                                   ELSE least(now() + heartbeat.lease, s.started_at + s.timeout) END
+       SET lease_expires_at = CASE WHEN s.timeout IS NULL THEN clock_timestamp() + heartbeat.lease
+                                   ELSE least(clock_timestamp() + heartbeat.lease, s.started_at + s.timeout) END
      WHERE s.step_id = heartbeat.step_id AND s.lease_token = heartbeat.lease_token
     RETURNING s.lease_expires_at INTO expires;
     IF NOT FOUND THEN
@@ -263,10 +396,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     s record;
 BEGIN
+    PERFORM baton._require(checkpoint.step_id, 'step_id');
+    PERFORM baton._require(checkpoint.lease_token, 'lease_token');
     PERFORM baton._require(checkpoint.key, 'key');
     IF checkpoint.key = '' THEN
         RAISE EXCEPTION 'key must be a non-empty text' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM baton._check_length(checkpoint.key, 'key', 1000);
     -- FOR SHARE: a concurrent reclaim waits until this checkpoint is committed
     SELECT t.run_id, t.attempt INTO s FROM baton.steps t
      WHERE t.step_id = checkpoint.step_id AND t.lease_token = checkpoint.lease_token
@@ -281,21 +417,28 @@ BEGIN
 END $$;
 
 -- Hand a leased step back without counting the attempt (a worker shutting
--- down): it is ready again at once for any worker.
-CREATE FUNCTION release_step(step_id bigint, lease_token uuid)
+-- down, or one without a handler for it): it is ready again at once for any
+-- worker, or after `delay` (scheduled until then).
+CREATE FUNCTION release_step(step_id bigint, lease_token uuid, delay interval DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     ready_on text;
 BEGIN
+    PERFORM baton._require(release_step.step_id, 'step_id');
+    PERFORM baton._require(release_step.lease_token, 'lease_token');
+    PERFORM baton._check_interval(release_step.delay, 'delay');
     UPDATE baton.steps s
-       SET status = 'ready', attempt = s.attempt - 1, run_at = now(),
+       SET status = CASE WHEN release_step.delay IS NULL THEN 'ready' ELSE 'scheduled' END::baton.step_status,
+           attempt = s.attempt - 1, run_at = now() + coalesce(release_step.delay, interval '0'),
            worker = NULL, lease_token = NULL, lease_expires_at = NULL
      WHERE s.step_id = release_step.step_id AND s.lease_token = release_step.lease_token
     RETURNING s.queue INTO ready_on;
     IF NOT FOUND THEN
         PERFORM baton._lease_lost(release_step.step_id);
     END IF;
-    PERFORM pg_notify('baton_ready', ready_on);
+    IF release_step.delay IS NULL THEN
+        PERFORM pg_notify('baton_ready', ready_on);
+    END IF;
 END $$;

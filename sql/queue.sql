@@ -8,6 +8,7 @@ BEGIN
     IF queue IS NULL OR btrim(queue) = '' THEN
         RAISE EXCEPTION 'queue must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM baton._check_length(queue, 'queue');
     IF concurrency < 0 THEN
         RAISE EXCEPTION 'concurrency must be NULL (unlimited) or at least 0, got %', concurrency
             USING ERRCODE = 'invalid_parameter_value';

@@ -1,7 +1,8 @@
 -- Runs: enqueue_workflow, cancel_workflow, and finishing a run.
 
--- The steps of new runs, from the run's definition: root steps ready (from
--- start_at), the others blocked on their upstream steps.
+-- The steps of new runs, from the run's definition: root steps ready, or
+-- scheduled for start_at when it is later, the others blocked on their
+-- upstream steps.
 CREATE FUNCTION _create_steps(run_ids uuid[], definition jsonb, queue text, priority integer, start_at timestamptz)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -11,7 +12,9 @@ BEGIN
     SELECT r.id,
            d.n - 1,
            d.s ->> 'name',
-           CASE WHEN jsonb_array_length(d.s -> 'upstream') = 0 THEN 'ready' ELSE 'blocked' END::baton.step_status,
+           CASE WHEN jsonb_array_length(d.s -> 'upstream') > 0 THEN 'blocked'
+                WHEN _create_steps.start_at > now() THEN 'scheduled'
+                ELSE 'ready' END::baton.step_status,
            d.upstream,
            d.downstream,
            cardinality(d.upstream),
@@ -40,6 +43,7 @@ BEGIN
     IF queue IS NOT NULL AND btrim(queue) = '' THEN
         RAISE EXCEPTION 'queue must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM baton._check_length(queue, 'queue');
     SELECT * INTO wf FROM baton.workflows w
      WHERE w.name = workflow ORDER BY w.version DESC LIMIT 1;
     IF NOT FOUND THEN
@@ -67,6 +71,7 @@ BEGIN
     IF idempotency_key = '' THEN
         RAISE EXCEPTION 'idempotency_key must not be empty (use NULL for none)' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM baton._check_length(idempotency_key, 'idempotency_key', 1000);
     wf := baton._latest_version(workflow, queue);
 
     -- ON CONFLICT waits for a racing insert of the same key to commit or roll
@@ -90,7 +95,9 @@ END $$;
 
 -- Many runs of one workflow in one statement: inputs[i] (and
 -- idempotency_keys[i], when given) for run i. Returns the run ids in input
--- order; a key that already has a run returns that run's id.
+-- order; a key that already has a run returns that run's id. Keys are inserted
+-- in sorted order, so that two batches racing on the same keys wait for each
+-- other (as two single enqueues do) instead of deadlocking.
 CREATE FUNCTION enqueue_workflows(
     workflow text,
     inputs jsonb[],
@@ -108,11 +115,16 @@ DECLARE
     inserted uuid[];
     start_at timestamptz := coalesce(run_at, now());
 BEGIN
+    PERFORM baton._check_array(inputs, 'inputs');
+    PERFORM baton._check_array(idempotency_keys, 'idempotency_keys');
     IF idempotency_keys IS NOT NULL AND cardinality(idempotency_keys) <> n THEN
         RAISE EXCEPTION 'idempotency_keys must have one key (or NULL) per input' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF '' = ANY (idempotency_keys) THEN
         RAISE EXCEPTION 'idempotency_keys must not contain empty keys (use NULL for none)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM unnest(idempotency_keys) k WHERE octet_length(k) > 1000) THEN
+        RAISE EXCEPTION 'idempotency_keys must be at most 1000 bytes each' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     wf := baton._latest_version(workflow, queue);
     IF n = 0 THEN
@@ -125,9 +137,13 @@ BEGIN
         SELECT ids[i], workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
                coalesce(inputs[i], '{}'), idempotency_keys[i]
           FROM generate_series(1, n) AS i
+         ORDER BY idempotency_keys[i], i
         ON CONFLICT DO NOTHING
         RETURNING id)
-    SELECT array_agg(id) INTO inserted FROM ins;
+    -- back in input order: step ids follow it (see _create_steps)
+    SELECT array_agg(g.id ORDER BY g.i) INTO inserted
+      FROM unnest(ids) WITH ORDINALITY AS g(id, i)
+     WHERE g.id IN (SELECT ins.id FROM ins);
 
     PERFORM baton._create_steps(inserted, wf.definition, queue, priority, start_at);
 
@@ -145,14 +161,17 @@ BEGIN
     RETURN ids;
 END $$;
 
--- Tell workers about the root steps of new runs: NOTIFY their queues now, or
--- set a timer for a delayed start. Read from the definition, not from the
--- steps table: enqueueing must not look at the ready backlog, however large.
+-- Tell workers about the root steps of new runs: NOTIFY their queues (a
+-- delayed start is announced by the background worker when it comes due).
+-- Read from the definition, not from the steps table: enqueueing must not
+-- look at the ready backlog, however large.
 CREATE FUNCTION _announce_roots(definition jsonb, queue text, start_at timestamptz) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM CASE WHEN start_at <= now() THEN pg_notify('baton_ready', q.queue)
-                 ELSE baton._wake_later(q.queue, start_at) END
+    IF start_at > now() THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify('baton_ready', q.queue)
        FROM (SELECT DISTINCT coalesce(_announce_roots.queue, s ->> 'queue') AS queue
                FROM jsonb_array_elements(definition -> 'steps') s
               WHERE jsonb_array_length(s -> 'upstream') = 0) q;
@@ -160,16 +179,24 @@ END $$;
 
 -- End a run as failed or cancelled: every unfinished step is cancelled (a
 -- running one loses its lease, recorded as a cancelled attempt).
--- The caller holds the run lock (baton._lock_run).
-CREATE FUNCTION _finish_run(run_id uuid, status text, error text) RETURNS void
+-- The caller holds the run lock (baton._lock_run). nowait => true (the
+-- background worker) raises 55P03 instead of waiting for a step row another
+-- transaction holds: the caller skips the run and comes back to it.
+CREATE FUNCTION _finish_run(run_id uuid, status text, error text, nowait boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 BEGIN
     -- Lock the unfinished steps first: a claim in flight commits before we go
     -- on, and the statements below (fresh snapshots) see its lease.
-    PERFORM 1 FROM baton.steps s
-     WHERE s.run_id = run_id AND s.status IN ('blocked', 'ready', 'running')
-       FOR UPDATE;
+    IF nowait THEN
+        PERFORM 1 FROM baton.steps s
+         WHERE s.run_id = run_id AND s.status IN ('blocked', 'scheduled', 'ready', 'running')
+           FOR UPDATE NOWAIT;
+    ELSE
+        PERFORM 1 FROM baton.steps s
+         WHERE s.run_id = run_id AND s.status IN ('blocked', 'scheduled', 'ready', 'running')
+           FOR UPDATE;
+    END IF;
 
     INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
     SELECT s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, 'cancelled',
@@ -178,7 +205,7 @@ BEGIN
 
     UPDATE baton.steps s
        SET status = 'cancelled', finished_at = now(), lease_token = NULL, lease_expires_at = NULL
-     WHERE s.run_id = run_id AND s.status IN ('blocked', 'ready', 'running');
+     WHERE s.run_id = run_id AND s.status IN ('blocked', 'scheduled', 'ready', 'running');
 
     UPDATE baton.runs r
        SET status = status::baton.run_status, error = error, finished_at = now()

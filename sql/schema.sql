@@ -12,7 +12,10 @@
 --    which was a fifth of a worker's turn. An enum costs nothing to check.
 
 CREATE TYPE run_status AS ENUM ('pending', 'running', 'succeeded', 'failed', 'cancelled');
-CREATE TYPE step_status AS ENUM ('blocked', 'ready', 'running', 'succeeded', 'failed', 'cancelled');
+-- scheduled: runnable once run_at passes (a delayed start, a retry's backoff,
+-- a delayed release); the background worker makes it ready then. Kept apart
+-- from ready so that claims never walk past steps that are not due yet.
+CREATE TYPE step_status AS ENUM ('blocked', 'scheduled', 'ready', 'running', 'succeeded', 'failed', 'cancelled');
 CREATE TYPE attempt_outcome AS ENUM ('succeeded', 'failed', 'lease_expired', 'timed_out', 'cancelled');
 
 -- Versions of a workflow definition (normalized JSON, see src/definition.rs).
@@ -70,9 +73,9 @@ CREATE TABLE steps (
     waiting_on        integer     NOT NULL DEFAULT 0,
     queue             text        NOT NULL,
     priority          integer     NOT NULL DEFAULT 0,
-    -- a ready step may be claimed once run_at has passed (delayed start,
-    -- backoff); claims take older run_at first. A step keeps its run's start
-    -- when its upstream steps finish, so older runs are finished first.
+    -- when a scheduled step comes due (delayed start, backoff); claims take
+    -- older run_at first. A step keeps its run's start when its upstream
+    -- steps finish, so older runs are finished first.
     run_at            timestamptz NOT NULL DEFAULT now(),
     attempt           integer     NOT NULL DEFAULT 0,
     max_attempts      integer     NOT NULL,
@@ -98,9 +101,15 @@ CREATE TABLE steps (
 CREATE INDEX steps_step_id ON steps (step_id);
 -- The claim path: runnable steps per queue, highest priority first, then oldest.
 CREATE INDEX steps_ready ON steps (queue, priority DESC, run_at, step_id) WHERE status = 'ready';
--- Leased steps per queue: concurrency limits and lease reclaim. lease_expires_at
--- is deliberately not indexed so that heartbeats stay HOT.
-CREATE INDEX steps_running ON steps (queue) WHERE status = 'running';
+-- Leased steps per queue, soonest expiry first: concurrency limits count a
+-- queue's entries, and reclaim reads only the expired ones, however many
+-- healthy leases there are. A heartbeat therefore updates an index entry (not
+-- HOT); it comes once per third of a lease, a scan of every lease would come
+-- with every short claim.
+CREATE INDEX steps_running ON steps (queue, lease_expires_at) WHERE status = 'running';
+-- Steps waiting for their time, soonest first: the background worker makes
+-- them ready when due.
+CREATE INDEX steps_scheduled ON steps (run_at) WHERE status = 'scheduled';
 
 ALTER TABLE steps SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE runs SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
@@ -134,23 +143,6 @@ CREATE TABLE checkpoints (
     PRIMARY KEY (run_id, step_id, key)
 );
 
--- Wake-up timers: a queue gets steps that become runnable later (a retry's
--- backoff, a delayed start); the background worker sends NOTIFY baton_ready
--- when they come due. Written only on those delayed paths, never per claim;
--- one row per queue and time, however many steps share them.
-CREATE TABLE timers (
-    due_at  timestamptz NOT NULL,
-    queue   text        NOT NULL,
-    PRIMARY KEY (due_at, queue)
-);
-
-CREATE FUNCTION _wake_later(queue text, due_at timestamptz) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO baton.timers AS t (due_at, queue) VALUES (_wake_later.due_at, _wake_later.queue)
-    ON CONFLICT DO NOTHING;
-END $$;
-
 -- Lock classes for pg_advisory_xact_lock(class, key): per run (serializes the
 -- transitions that touch several rows of one run) and per limited queue.
 -- Helpers on the hot path are PL/pgSQL, not SQL functions: PL/pgSQL caches
@@ -183,5 +175,54 @@ LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF value IS NULL THEN
         RAISE EXCEPTION '% must not be null', field USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+END $$;
+
+-- Names (queues, workflows, steps, workers) are at most 200 bytes and keys
+-- (idempotency, checkpoint) at most 1000: a name travels in NOTIFY payloads
+-- (8000 bytes at most) and in index keys. NULL passes: callers check it.
+CREATE FUNCTION _check_length(value text, field text, max_bytes integer DEFAULT 200) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF octet_length(value) > max_bytes THEN
+        RAISE EXCEPTION '% must be at most % bytes, got %', field, max_bytes, octet_length(value)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END $$;
+
+-- Intervals that bound leases, timeouts and delays: positive, no negative
+-- part ('1 month -29 days' is a day in some months and less than none in
+-- others), and at most 10 years, so that now() plus any of them, or two of
+-- them, is a valid timestamp.
+CREATE FUNCTION _interval_ok(value interval) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN value > interval '0' AND value <= interval '10 years'
+       AND extract(year FROM value) >= 0 AND extract(month FROM value) >= 0
+       AND extract(day FROM value) >= 0
+       AND value - date_trunc('day', value) >= interval '0';   -- the time part
+END $$;
+
+-- The same as an argument check (22023 naming the field). NULL passes:
+-- callers check it.
+CREATE FUNCTION _check_interval(value interval, field text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF NOT baton._interval_ok(value) THEN
+        RAISE EXCEPTION '% must be a positive interval of at most 10 years with no negative part, got %', field, value
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END $$;
+
+-- Arrays the protocol takes are one-dimensional and indexed from 1 (an
+-- empty array passes): anything else would be read past or misaligned.
+CREATE FUNCTION _check_array(value anyarray, field text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF array_ndims(value) > 1 OR array_lower(value, 1) <> 1 THEN
+        RAISE EXCEPTION '% must be a one-dimensional array indexed from 1, got %', field,
+            CASE WHEN array_ndims(value) > 1 THEN array_ndims(value) || ' dimensions'
+                 ELSE 'lower bound ' || array_lower(value, 1) END
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
 END $$;

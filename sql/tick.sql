@@ -21,15 +21,25 @@ BEGIN
         RAISE WARNING 'pg_baton: reclaiming expired leases failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    -- 2. Timers of delayed steps (run_at, retry backoff) that came due: tell
-    --    idle workers of their queues.
+    -- 2. Scheduled steps (a delayed start, a retry's backoff, a delayed
+    --    release) that came due become ready, soonest first, a bounded batch
+    --    a round; idle workers of their queues are told. A step another
+    --    transaction holds is skipped, not waited for: the next round takes it.
     BEGIN
-        WITH due AS (
-            DELETE FROM baton.timers t WHERE t.due_at <= at RETURNING t.queue)
+        WITH due AS MATERIALIZED (
+            SELECT d.ctid FROM baton.steps d
+             WHERE d.status = 'scheduled' AND d.run_at <= at
+             ORDER BY d.run_at
+             LIMIT batch
+               FOR UPDATE SKIP LOCKED
+        ), ready AS (
+            UPDATE baton.steps s SET status = 'ready'
+             WHERE s.ctid = ANY (ARRAY(SELECT d.ctid FROM due d))
+            RETURNING s.queue)
         SELECT count(*) INTO woken FROM (
-            SELECT pg_notify('baton_ready', d.queue) FROM (SELECT DISTINCT queue FROM due) d) n;
+            SELECT pg_notify('baton_ready', r.queue) FROM (SELECT DISTINCT queue FROM ready) r) n;
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'pg_baton: waking delayed steps failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+        RAISE WARNING 'pg_baton: making scheduled steps ready failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
     -- 3. Retention: delete finished runs older than baton.retention (with their

@@ -35,6 +35,7 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["complete"]);
 extension_sql_file!("../sql/tick.sql", name = "tick", requires = ["queue"]);
+extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["tick"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 #[pg_guard]

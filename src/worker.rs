@@ -6,21 +6,36 @@
 //! its latch, so SIGTERM stops it at once and SIGHUP reloads `baton.interval`.
 //! Errors inside a round are caught per task by the SQL; anything else ends the
 //! process with the error in the log and the postmaster restarts it.
+//!
+//! It always exits so that the postmaster starts it again (exit code 1): after
+//! `DROP DATABASE ... WITH (FORCE)` or `pg_terminate_backend` it comes back by
+//! itself (a shutdown restarts nothing). When its database does not exist it
+//! waits for it without a connection, and says so once in the log; then, in
+//! the database, it waits for `CREATE EXTENSION pg_baton`.
 
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
+use pgrx::{pg_shmem_init, PgAtomic};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// When the last vacuum-horizon warning was logged (seconds since the epoch):
 /// it is logged at most once a minute, not once a round.
 static HORIZON_WARNED_AT: AtomicU64 = AtomicU64::new(0);
 
+/// Set while the scheduler connects to its database, in shared memory so that
+/// it outlives the process: a connection to a database that does not exist
+/// ends the process (FATAL) with it still set, and the next start then waits
+/// for the database instead of failing again every restart interval.
+static CONNECTING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_baton_scheduler_connecting") };
+
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         return; // loaded by CREATE EXTENSION only: the SQL works, no scheduler
     }
+    pg_shmem_init!(CONNECTING);
     BackgroundWorkerBuilder::new("pg_baton scheduler")
         .set_type("pg_baton scheduler")
         .set_function("baton_scheduler_main")
@@ -35,7 +50,12 @@ pub fn register() {
 pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
+    if CONNECTING.get().load(Ordering::Relaxed) {
+        wait_for_database(&database);
+    }
+    CONNECTING.get().store(true, Ordering::Relaxed);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    CONNECTING.get().store(false, Ordering::Relaxed);
     log!("pg_baton scheduler started (database \"{database}\")");
 
     let mut installed = true;
@@ -56,6 +76,39 @@ pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
         }
     }
     log!("pg_baton scheduler stopped");
+    restart();
+}
+
+/// Exit so that the postmaster starts the scheduler again after its restart
+/// interval (during a shutdown it starts nothing).
+fn restart() -> ! {
+    unsafe { pg_sys::proc_exit(1) }
+}
+
+/// The last start could not connect: the database does not exist. Wait for
+/// it with no database connection (only the shared catalogs), then restart
+/// to connect to it.
+fn wait_for_database(database: &str) -> ! {
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    log!("pg_baton scheduler: waiting for database \"{database}\" to be created");
+    let name = CString::new(database).unwrap_or_default();
+    loop {
+        let wait = Duration::from_millis(settings::INTERVAL_MS.get().max(10) as u64);
+        if !BackgroundWorker::wait_latch(Some(wait)) {
+            restart();
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let exists = BackgroundWorker::transaction(|| unsafe {
+            pg_sys::get_database_oid(name.as_ptr(), true) != pg_sys::InvalidOid
+        });
+        if exists {
+            log!("pg_baton scheduler: database \"{database}\" exists now; restarting to connect to it");
+            CONNECTING.get().store(false, Ordering::Relaxed);
+            restart();
+        }
+    }
 }
 
 /// One round. Returns whether the extension is installed.

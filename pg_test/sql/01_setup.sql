@@ -60,6 +60,29 @@ END $$;
 SELECT sqlstate_of('SELECT 1');
 SELECT sqlstate_of('SELECT 1/0');
 
+-- buffers_of(sql): the shared buffers one statement reads (hits and reads),
+-- by EXPLAIN (ANALYZE, BUFFERS): it runs the statement. A scan of steps reads
+-- hundreds or thousands; a claim or a turn by key reads a few dozen.
+CREATE FUNCTION public.buffers_of(sql text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    plan jsonb;
+BEGIN
+    EXECUTE 'EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ' || sql INTO plan;
+    RETURN (plan -> 0 -> 'Plan' ->> 'Shared Hit Blocks')::integer
+         + (plan -> 0 -> 'Plan' ->> 'Shared Read Blocks')::integer;
+END $$;
+
+-- make_due(): scheduled steps whose run_at has passed become ready, as the
+-- background worker's round makes them (the worker serves another database;
+-- tick.sql and hardening.sql test the round itself). Returns how many.
+CREATE FUNCTION public.make_due() RETURNS bigint
+LANGUAGE sql AS $$
+    WITH due AS (UPDATE baton.steps SET status = 'ready'
+                  WHERE status = 'scheduled' AND run_at <= now() RETURNING 1)
+    SELECT count(*) FROM due
+$$;
+
 -- cancel_unfinished_runs(): cancel every pending or running run; tests call
 -- it at their end so that nothing they leave leased can expire under a later
 -- test. Returns true (the count of cancelled runs depends on the test).

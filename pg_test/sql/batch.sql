@@ -152,7 +152,7 @@ SELECT * FROM baton.complete_and_claim(ARRAY[:a]::bigint[], ARRAY[:'at']::uuid[]
 SELECT step, attempt, workflow, workflow_id = :'chain' AS right_run, input, upstream, checkpoints,
        lease_token IS NOT NULL AS has_token
   FROM turn;
-SELECT t.lease_expires_at = s.started_at + interval '1 minute' AS lease_1min
+SELECT t.lease_expires_at BETWEEN s.started_at + interval '1 minute' AND clock_timestamp() + interval '1 minute' AS lease_1min
   FROM turn t JOIN baton.steps s USING (step_id);
 SELECT name, status, attempt, worker, output FROM baton.steps WHERE run_id = :'chain' ORDER BY step_id;
 SELECT step, attempt, worker, outcome FROM baton.step_attempts WHERE workflow_id = :'chain' ORDER BY step_id;

@@ -35,6 +35,7 @@ SELECT count(*) AS not_yet FROM baton.claim_steps('w1', ARRAY['fr_q'], 10);
 
 -- Once due, attempt 2 is claimed; failing it doubles the delay (2 hours).
 UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE step_id = :flaky;
+SELECT make_due();
 SELECT step, attempt, lease_token AS token2 FROM baton.claim_steps('w2', ARRAY['fr_q'], 10) \gset
 SELECT :'step' AS step, :attempt AS attempt;
 -- The token of attempt 1 is no longer valid.
@@ -47,6 +48,7 @@ SELECT status, attempt, error,
 -- Attempt 3: 4 hours would exceed backoff.max, so the delay is capped at 150
 -- minutes (plus jitter).
 UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE step_id = :flaky;
+SELECT make_due();
 SELECT attempt, lease_token AS token3 FROM baton.claim_steps('w3', ARRAY['fr_q'], 10) \gset
 SELECT :attempt AS attempt;
 SELECT baton.fail_step(:flaky, :'token3', 'boom 3', retryable => NULL) AS retryable_null;
@@ -56,6 +58,7 @@ SELECT status, attempt,
 
 -- Attempt 4 is the last one: the step fails, and so does the run, naming the step.
 UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE step_id = :flaky;
+SELECT make_due();
 SELECT attempt, lease_token AS token4 FROM baton.claim_steps('w4', ARRAY['fr_q'], 10) \gset
 SELECT :attempt AS attempt;
 SELECT baton.fail_step(:flaky, :'token4', 'boom 4');

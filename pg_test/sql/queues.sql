@@ -36,7 +36,8 @@ SELECT baton.fail_step(step_id, lease_token, 'x') FROM claimed;
 SELECT count(*) AS after_fail FROM baton.claim_steps('w2', ARRAY['qu_one_at_a_time'], 10);
 SELECT count(*) AS full_again FROM baton.claim_steps('w2', ARRAY['qu_one_at_a_time'], 10);
 -- Raising the limit lets more through; NULL means unlimited.
-UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE queue = 'qu_one_at_a_time' AND status = 'ready';
+UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE queue = 'qu_one_at_a_time' AND status = 'scheduled';
+SELECT make_due();
 SELECT count(baton.enqueue_workflow('qu_one', queue => 'qu_one_at_a_time')) FROM generate_series(1, 2);
 -- 3 ready, 1 running: a limit of 2 leaves one slot.
 SELECT baton.configure_queue('qu_one_at_a_time', 2);
@@ -77,6 +78,7 @@ SELECT input ->> 'tag' AS tag FROM baton.claim_steps('w1', ARRAY['qu_x', 'qu_y']
 SELECT baton.enqueue_workflow('qu_one', queue => 'qu_later', run_at => now() + interval '1 hour') AS later \gset
 SELECT count(*) AS too_early FROM baton.claim_steps('w1', ARRAY['qu_later']);
 UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE run_id = :'later';
+SELECT make_due();
 SELECT count(*) AS due FROM baton.claim_steps('w1', ARRAY['qu_later']);
 SELECT status FROM baton.runs WHERE id = :'later';
 

@@ -64,6 +64,7 @@ SELECT baton.enqueue_workflow('rl_retry') AS run3 \gset
 SELECT step_id AS s, lease_token AS t FROM baton.claim_steps('w1', ARRAY['rl_q']) \gset
 SELECT baton.fail_step(:s, :'t', 'first');
 UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE step_id = :s;
+SELECT make_due();
 SELECT lease_token AS t, attempt FROM baton.claim_steps('w1', ARRAY['rl_q']) \gset
 SELECT :attempt AS attempt;
 SELECT baton.release_step(:s, :'t');

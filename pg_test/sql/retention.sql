@@ -26,6 +26,7 @@ BEGIN
     PERFORM baton.checkpoint(c.step_id, c.lease_token, 'k', '1');
     PERFORM baton.fail_step(c.step_id, c.lease_token, 'once');
     UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE step_id = c.step_id;
+    PERFORM make_due();
     SELECT * INTO c FROM baton.claim_steps('rt', ARRAY['rt_q']);
     PERFORM baton.complete_step(c.step_id, c.lease_token);
     SELECT * INTO c FROM baton.claim_steps('rt', ARRAY['rt_q']);

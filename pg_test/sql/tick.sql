@@ -37,12 +37,13 @@ SELECT t -> 'reclaimed' AS reclaimed FROM baton._tick() t;
 
 SELECT cancel_unfinished_runs();
 
--- Delayed steps set a wake-up timer for their queue; the round that finds it
--- due deletes it and counts the queue as woken.
+-- A delayed step is scheduled; the round that finds it due makes it ready
+-- and counts its queue as woken (its workers get the NOTIFY).
 SELECT baton.define_workflow('tk_timer', '{"queue": "tk_timer_q", "steps": [{"name": "later"}]}') AS v \gset
 SELECT baton.enqueue_workflow('tk_timer', run_at => now() + interval '1 hour') IS NOT NULL AS enqueued;
-SELECT queue, due_at > now() AS in_future FROM baton.timers WHERE queue = 'tk_timer_q';
-UPDATE baton.timers SET due_at = now() - interval '1 second' WHERE queue = 'tk_timer_q';
+SELECT status, run_at > now() AS in_future FROM baton.steps WHERE queue = 'tk_timer_q';
+SELECT (t -> 'woken')::int AS woken_too_early FROM baton._tick() t;
+UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE queue = 'tk_timer_q';
 SELECT (t -> 'woken')::int >= 1 AS woke FROM baton._tick() t;
-SELECT count(*) AS timers_left FROM baton.timers WHERE queue = 'tk_timer_q';
+SELECT status FROM baton.steps WHERE queue = 'tk_timer_q';
 SELECT cancel_unfinished_runs();

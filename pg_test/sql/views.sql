@@ -30,6 +30,7 @@ SELECT baton.fail_step(:s, :'t', 'first try');
 SELECT step, status, attempt, error, run_at > now() AS backing_off
   FROM baton.workflow_steps WHERE step_id = :s;
 UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE step_id = :s;
+SELECT make_due();
 SELECT step_id AS s, lease_token AS t FROM baton.claim_steps('vw-worker', ARRAY['vw_q']) \gset
 SELECT baton.complete_step(:s, :'t', '{"n": 1}');
 SELECT step_id AS s, lease_token AS t FROM baton.claim_steps('vw-worker', ARRAY['vw_q']) \gset
