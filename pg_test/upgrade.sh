@@ -21,7 +21,7 @@ trap 'rm -rf "$OUT"' EXIT
 fail() { echo "upgrade test FAILED: $*" >&2; exit 1; }
 
 for db in baton_upgrade_old baton_upgrade_new; do
-    "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+    PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
 done
 "${PSQL[@]}" -d baton_upgrade_new -c "CREATE EXTENSION pg_baton"
 current=$("${PSQL[@]}" -At -d baton_upgrade_new -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_baton'")

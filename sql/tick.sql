@@ -36,8 +36,11 @@ BEGIN
             UPDATE baton.steps s SET status = 'ready'
              WHERE s.ctid = ANY (ARRAY(SELECT d.ctid FROM due d))
             RETURNING s.queue)
+        -- (a queue name too long for a NOTIFY payload, stored before names
+        -- were limited, would fail the whole statement: its workers poll)
         SELECT count(*) INTO woken FROM (
-            SELECT pg_notify('baton_ready', r.queue) FROM (SELECT DISTINCT queue FROM ready) r) n;
+            SELECT pg_notify('baton_ready', r.queue)
+              FROM (SELECT DISTINCT queue FROM ready) r WHERE octet_length(r.queue) < 8000) n;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: making scheduled steps ready failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;

@@ -58,6 +58,17 @@ SELECT sqlstate_of($$SELECT baton.define_workflow(repeat('x', 201), '{"steps": [
 SELECT sqlstate_of($$SELECT baton.define_workflow('h_q', jsonb_build_object('queue', repeat('q', 201), 'steps', '[{"name": "a"}]'::jsonb))$$);
 SELECT baton.enqueue_workflow('h_ok', queue => repeat('q', 200), idempotency_key => repeat('k', 1000)) IS NOT NULL AS longest_names_ok;
 
+-- A delayed step whose queue name is too long for a NOTIFY payload (stored
+-- before names were limited, written here by hand) still comes due, and so
+-- do the others of the same round.
+SELECT baton.enqueue_workflow('h_ok', run_at => now() + interval '1 hour') AS long_q \gset
+SELECT baton.enqueue_workflow('h_ok', run_at => now() + interval '1 hour') AS short_q \gset
+UPDATE baton.steps SET queue = repeat('q', 9000) WHERE run_id = :'long_q';
+UPDATE baton.steps SET run_at = now() - interval '1 second' WHERE run_id IN (:'long_q', :'short_q');
+SELECT (baton._tick() ->> 'woken')::int >= 1 AS woken;
+SELECT s.run_id = :'long_q' AS long_name, s.status FROM baton.steps s WHERE s.run_id IN (:'long_q', :'short_q') ORDER BY 1;
+DELETE FROM baton.runs WHERE id IN (:'long_q', :'short_q');
+
 -- Arrays are one-dimensional and indexed from 1 (22023): a 2-D input once
 -- became {} and lost its keys, outputs indexed from 0 went to the wrong step.
 SELECT sqlstate_of($$SELECT baton.enqueue_workflows('h_ok', ARRAY[['{}', '{}'], ['{}', '{}']]::jsonb[])$$);
