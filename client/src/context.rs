@@ -164,19 +164,65 @@ impl StepContext {
     /// step's own writes (exactly-once). If the lease was lost this returns
     /// `Error::LeaseLost` and the transaction must roll back. The worker then
     /// does not complete the step again.
+    ///
+    /// In a REPEATABLE READ or SERIALIZABLE transaction the database reports
+    /// a step row that changed after the transaction's snapshot as a
+    /// serialization failure (`40001`), not as a lost lease: the lease may
+    /// have been reclaimed, or the worker's own heartbeat (on another
+    /// connection) renewed it. Then this asks on another connection whether
+    /// the lease is still held: if not, `Error::LeaseLost`; if it is, the
+    /// serialization failure stays (`Error::Database` with code `40001`,
+    /// `is_transient()`): roll back and run the transaction again. READ
+    /// COMMITTED, PostgreSQL's default, never sees the heartbeat's change as
+    /// a conflict.
     pub async fn complete_in<C, O>(&self, tx: &C, output: &O) -> Result<()>
     where
         C: GenericClient + ?Sized,
         O: Serialize + ?Sized,
     {
         let output = serde_json::to_value(output)?;
-        tx.query_one(
-            "SELECT baton.complete_step($1, $2, $3)",
-            &[&self.step_id, &self.lease_token, &output],
-        )
-        .await?;
-        self.completed.store(true, Ordering::SeqCst);
-        Ok(())
+        let result = tx
+            .query_one(
+                "SELECT baton.complete_step($1, $2, $3)",
+                &[&self.step_id, &self.lease_token, &output],
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                self.completed.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                if e.sqlstate() != Some("40001") {
+                    return Err(e);
+                }
+                match self.lease_held().await {
+                    Ok(false) => Err(Error::LeaseLost(format!(
+                        "step {} changed after this transaction's snapshot and its lease is no longer held ({e})",
+                        self.step_id
+                    ))),
+                    // held (a heartbeat changed the row), or unknown: the
+                    // serialization failure stays, and a retry will tell
+                    Ok(true) | Err(_) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Whether this attempt's lease is still the step's, as committed now
+    /// (asked on a connection of the pool, outside the caller's transaction).
+    async fn lease_held(&self) -> Result<bool> {
+        let conn = self.client.pool().get().await?;
+        let row = conn
+            .query_opt(
+                "SELECT lease_token = $2 FROM baton.steps WHERE step_id = $1",
+                &[&self.step_id, &self.lease_token],
+            )
+            .await?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<bool>>(0))
+            .unwrap_or(false))
     }
 
     pub(crate) fn completed_flag(&self) -> Arc<AtomicBool> {

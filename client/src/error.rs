@@ -54,6 +54,54 @@ impl Error {
     pub fn is_lease_lost(&self) -> bool {
         matches!(self, Error::LeaseLost(_))
     }
+
+    /// Whether the same call may succeed if tried again (on a new connection
+    /// from the pool): the connection broke or could not be made, or the
+    /// database gave up for a passing reason: a serialization failure or
+    /// deadlock (SQLSTATE class 40, e.g. `40001`, `40P01`), the server
+    /// shutting down or not accepting connections yet (`57P01`, `57P02`,
+    /// `57P03`), a cancelled statement or a lock timeout (`57014`, `55P03`),
+    /// resources running out (class 53, e.g. too many connections), a
+    /// connection exception (class 08), or a read-only server (`25006`: a
+    /// standby, as after a failover, until the pool reaches the new primary).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connection(e) => is_broken(e),
+            Error::Pool(deadpool_postgres::PoolError::Timeout(_)) => true,
+            Error::Pool(deadpool_postgres::PoolError::Backend(e)) => match e.code() {
+                Some(code) => transient_sqlstate(code.code()),
+                None => is_broken(e),
+            },
+            _ => self.sqlstate().is_some_and(transient_sqlstate),
+        }
+    }
+
+    /// Whether the database refused a value (SQLSTATE class 22, data
+    /// exception: e.g. `22P05`, a NUL character in a JSON string, which
+    /// jsonb cannot store).
+    pub fn is_data_error(&self) -> bool {
+        self.sqlstate().is_some_and(|code| code.starts_with("22"))
+    }
+}
+
+fn transient_sqlstate(code: &str) -> bool {
+    matches!(&code[..code.len().min(2)], "08" | "40" | "53")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "25006"
+        )
+}
+
+/// A connection that broke or could not be made (not a parameter or row that
+/// did not convert, which trying again would not change).
+fn is_broken(e: &tokio_postgres::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let text = e.to_string();
+    e.is_closed()
+        || io
+        || text.starts_with("error connecting to server")
+        || text.starts_with("timeout waiting for server")
+        || text.starts_with("error communicating with the server")
 }
 
 impl From<tokio_postgres::Error> for Error {
@@ -78,3 +126,32 @@ impl From<tokio_postgres::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_and_data_errors_by_sqlstate() {
+        let db = |code: &str| Error::Database {
+            code: code.to_string(),
+            message: String::new(),
+        };
+        for code in [
+            "40001", "40P01", "57P01", "57P03", "08006", "53300", "55P03", "57014",
+        ] {
+            assert!(db(code).is_transient(), "{code}");
+            assert!(!db(code).is_data_error(), "{code}");
+        }
+        for code in ["22P05", "23505", "42883", "XX000", "P0001"] {
+            assert!(!db(code).is_transient(), "{code}");
+        }
+        assert!(db("22P05").is_data_error());
+        let invalid = Error::InvalidInput {
+            code: "22023".to_string(),
+            message: String::new(),
+        };
+        assert!(invalid.is_data_error() && !invalid.is_transient());
+        assert!(!Error::LeaseLost(String::new()).is_transient());
+    }
+}

@@ -12,6 +12,11 @@
 //! own task. The loop wakes on `NOTIFY baton_ready` for its queues (a
 //! dedicated LISTEN connection), when a step finishes, and every
 //! `poll_interval` as a fallback.
+//!
+//! A lease is renewed (`Lease`) from the claim until the step's outcome has
+//! landed: while the handler runs, and after it, while its completion waits
+//! for a report or a report is retried. A report does not give up on a step
+//! while its lease may still be held (see `report`).
 
 use crate::client::Client;
 use crate::context::{StepContext, StepError};
@@ -26,8 +31,9 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument};
 use uuid::Uuid;
 
@@ -62,7 +68,8 @@ impl WorkerBuilder {
         self.concurrency = n.max(1);
         self
     }
-    /// Lease per claim; heartbeats renew it every third of it (default 30 s).
+    /// Lease per claim (default 30 s); heartbeats renew it every third of it
+    /// until the step's outcome is recorded.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_millis(100));
         self
@@ -72,7 +79,8 @@ impl WorkerBuilder {
         self.poll_interval = every;
         self
     }
-    /// How long shutdown waits for running steps before handing them back (default 30 s).
+    /// How long shutdown waits for running steps before handing them back
+    /// (default 30 s); a step that finishes meanwhile is reported at once.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self
@@ -152,8 +160,8 @@ impl Worker {
     }
 
     /// Run until `shutdown` resolves. Then: stop claiming, let running steps
-    /// finish for up to `shutdown_grace`, and hand back those still running so
-    /// another worker can claim them at once.
+    /// finish for up to `shutdown_grace` (reporting each as it finishes), and
+    /// hand back those still running so another worker can claim them at once.
     pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<()> {
         let w = self.inner.clone();
         let wake = Arc::new(Notify::new());
@@ -210,7 +218,12 @@ impl Worker {
                 let done = next_report(&mut pending);
                 let w = w.clone();
                 turns.spawn(async move {
-                    (Turn::Report, report(&w, done, asked).await, reserved, asked)
+                    (
+                        Turn::Report,
+                        Ok(report(&w, done, asked).await),
+                        reserved,
+                        asked,
+                    )
                 });
                 reporting = true;
                 continue;
@@ -275,7 +288,6 @@ impl Worker {
                                 });
                             }
                         }
-                        Err(e) if kind == Turn::Report => warn!(worker = %w.name, error = %e, "report failed; those steps will run again when their leases expire"),
                         Err(e) => warn!(worker = %w.name, error = %e, "claim failed; claiming resumes after the poll interval"),
                     }
                     drop(reserved); // slots not used go back
@@ -283,48 +295,57 @@ impl Worker {
                 _ = tokio::time::sleep(w.poll_interval) => want_claim = true,
             }
         }
+        // Graceful shutdown: no more claims. Steps that finish in the grace
+        // period are reported as they finish (their leases renewed until
+        // then); steps still running when it ends are cut off and handed back.
         // Turns in flight may lease steps (claimed, or handed over by a
-        // completion): not to be run now, they are handed back at once, before
-        // the grace period, so that their leases cannot expire meanwhile (an
+        // completion): not to be run now, they are handed back as soon as the
+        // turn returns, so that their leases cannot expire meanwhile (an
         // expired lease would use up an attempt). A database that does not
-        // answer gets the grace period, not forever.
-        let mut unstarted = Vec::new();
-        let joined = tokio::time::timeout(w.shutdown_grace, async {
-            while let Some(finished) = turns.join_next().await {
-                if let Ok((_, Ok(claimed), _, _)) = finished {
-                    unstarted.extend(
-                        claimed
-                            .into_iter()
-                            .map(|ctx| (ctx.lease_token, ctx.step_id)),
-                    );
+        // answer gets the grace period and one lease more, not forever.
+        debug!(worker = %w.name, in_flight = running.len(), "worker stopping");
+        let grace_ends = Instant::now() + w.shutdown_grace;
+        let mut cut_off = false;
+        loop {
+            while let Ok(c) = done_rx.try_recv() {
+                pending.push(c);
+            }
+            if !reporting && !pending.is_empty() {
+                let done = next_report(&mut pending);
+                let w = w.clone();
+                turns.spawn(async move { (Turn::Report, Ok(report(&w, done, 0).await), None, 0) });
+                reporting = true;
+                continue;
+            }
+            if running.is_empty() && turns.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some(c) = done_rx.recv() => pending.push(c),
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(finished) = turns.join_next(), if !turns.is_empty() => {
+                    let (kind, result, _reserved, _) = finished.expect("a turn does not panic");
+                    if kind == Turn::Report {
+                        reporting = false;
+                    }
+                    match result {
+                        Ok(claimed) => release(&w, claimed.into_iter().map(|ctx| (ctx.lease_token, ctx.step_id)).collect()).await,
+                        Err(e) => warn!(worker = %w.name, error = %e, "claim failed"),
+                    }
+                }
+                _ = tokio::time::sleep_until(grace_ends), if !cut_off => {
+                    // handed back below: their leases are still in `leases`
+                    running.abort_all();
+                    cut_off = true;
+                }
+                _ = tokio::time::sleep_until(grace_ends + w.lease), if cut_off => {
+                    turns.abort_all();
+                    warn!(worker = %w.name, unreported = pending.len(), "turns in flight did not end within the grace period; their steps wait for their leases to expire");
+                    break;
                 }
             }
-        })
-        .await;
-        if joined.is_err() {
-            turns.abort_all();
-            warn!(worker = %w.name, "turns in flight did not end within the grace period; steps they leased wait for their leases to expire");
         }
-        release(&w, unstarted).await;
-
-        // Graceful shutdown: no more claims; finish (or hand back) what runs.
-        debug!(worker = %w.name, in_flight = running.len(), "worker stopping");
-        let drained = tokio::time::timeout(w.shutdown_grace, async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            running.abort_all();
-            while running.join_next().await.is_some() {}
-        }
-        while let Ok(c) = done_rx.try_recv() {
-            pending.push(c);
-        }
-        if !pending.is_empty() {
-            if let Err(e) = report(&w, pending, 0).await {
-                warn!(worker = %w.name, error = %e, "could not report finished steps; they will run again");
-            }
-        }
+        while running.join_next().await.is_some() {}
         let held: Vec<(Uuid, i64)> = leases.lock().expect("leases").drain().collect();
         release(&w, held).await;
         Ok(())
@@ -345,21 +366,98 @@ async fn release(w: &WorkerBuilder, held: Vec<(Uuid, i64)>) {
         }
     };
     for (token, step_id) in held {
-        match conn
-            .execute("SELECT baton.release_step($1, $2)", &[&step_id, &token])
-            .await
-        {
-            Ok(_) => debug!(step_id, "handed back on shutdown"),
-            Err(e) => warn!(step_id, error = %Error::from(e), "could not hand back step"),
+        match release_step(&conn, step_id, token, None).await {
+            Ok(()) => debug!(step_id, "handed back on shutdown"),
+            Err(e) => warn!(step_id, error = %e, "could not hand back step"),
         }
     }
 }
 
+/// Hand a leased step back without using up an attempt: claimable again
+/// after `delay` (None: at once). `release_step`'s third parameter came with
+/// pg_baton 0.2.0.
+async fn release_step(
+    conn: &deadpool_postgres::Object,
+    step_id: i64,
+    token: Uuid,
+    delay: Option<Duration>,
+) -> Result<()> {
+    let delay = delay.map(|d| d.as_secs_f64());
+    conn.execute(
+        "SELECT baton.release_step($1, $2, make_interval(secs => $3::float8))",
+        &[&step_id, &token, &delay],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How long a step this worker has no handler for is kept from every worker
+/// when it is handed back: the worker with the handler takes it then, and
+/// this one does not claim it again and again meanwhile.
+const NO_HANDLER_DELAY: Duration = Duration::from_secs(5);
+
 /// A step whose handler succeeded, waiting to be reported with the next turn.
+/// Its lease is renewed until the completion has landed (or the lease is gone).
 struct Completion {
     step_id: i64,
     token: Uuid,
     output: serde_json::Value,
+    lease: Lease,
+}
+
+/// The renewal of a lease this worker holds: a task that heartbeats every
+/// third of the lease until this is dropped, or until the lease is lost or
+/// heartbeats failed until it must have expired (`gone`).
+struct Lease {
+    beat: Option<AbortHandle>,
+    ended: watch::Receiver<bool>,
+}
+
+impl Lease {
+    /// Renew the lease `token` of step `step_id`, which was granted (by a
+    /// claim) just before now.
+    fn start(w: &Arc<WorkerBuilder>, step_id: i64, token: Uuid) -> Lease {
+        let (ended_tx, ended) = watch::channel(false);
+        let w = w.clone();
+        let beat = tokio::spawn(
+            async move {
+                keep_alive(&w, step_id, token).await;
+                let _ = ended_tx.send(true);
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Lease {
+            beat: Some(beat.abort_handle()),
+            ended,
+        }
+    }
+
+    /// A lease nobody renews (tests of what does not reach the database).
+    #[cfg(test)]
+    fn detached() -> Lease {
+        Lease {
+            beat: None,
+            ended: watch::channel(false).1,
+        }
+    }
+
+    /// The lease is lost, or must have expired: the step is no longer ours.
+    fn gone(&self) -> bool {
+        *self.ended.borrow()
+    }
+
+    /// Wait until `gone`.
+    async fn lost(&mut self) {
+        let _ = self.ended.wait_for(|gone| *gone).await;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(beat) = &self.beat {
+            beat.abort();
+        }
+    }
 }
 
 /// The worker's two kinds of turn. A report completes the finished steps in a
@@ -433,9 +531,95 @@ const CLAIM_SQL: &str = "SELECT c.step_id, c.lease_token, c.workflow_id, c.workf
      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async, \
           baton.claim_steps($1, $2, $3, make_interval(secs => $4)) AS c";
 
+/// First pause between tries of a call that failed for a transient reason;
+/// it doubles up to `RETRY_MAX` (or a third of the lease, if shorter).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+fn retry_max(w: &WorkerBuilder) -> Duration {
+    RETRY_MAX.min(w.lease / 3)
+}
+
 /// A report: complete `done` and take up to `max` steps (those the
-/// completions unblock first): `baton.complete_and_claim`, a durable commit.
-async fn report(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<Vec<StepContext>> {
+/// completions unblock first) with `baton.complete_and_claim`, a durable
+/// commit. It does not give up on a completion while the step may still be
+/// ours; the leases are renewed meanwhile (`Completion::lease`):
+/// - a call that failed for a transient reason (`Error::is_transient`: the
+///   connection broke, a serialization failure or deadlock, the server
+///   shutting down) is tried again, on a connection the pool hands out anew,
+///   after a pause that grows;
+/// - a call the database refused otherwise, above all for a value it cannot
+///   store (SQLSTATE class 22), is tried again without claiming, then split
+///   in halves until the step at fault is alone, so that one step's output
+///   cannot keep the others from landing; that step is then failed with the
+///   database's message (not retried for a data error: its output would be
+///   refused again);
+/// - a step whose lease is lost, or whose heartbeats failed until it must
+///   have expired, is given up with a warning: it runs again.
+///
+/// Outputs holding a NUL character never get here: `run_step` fails them.
+async fn report(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Vec<StepContext> {
+    let mut claimed = Vec::new();
+    let mut batches = vec![(done, max)];
+    let mut pause = RETRY_FIRST;
+    let mut split = false;
+    while let Some((mut batch, max)) = batches.pop() {
+        batch.retain(|c| {
+            if c.lease.gone() {
+                warn!(worker = %w.name, step_id = c.step_id, "lease lost or expired before the completion was recorded; the step will run again");
+            }
+            !c.lease.gone()
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        match report_once(w, &batch, max).await {
+            Ok(steps) => {
+                claimed.extend(steps);
+                pause = RETRY_FIRST;
+            }
+            Err(e) if e.is_transient() => {
+                warn!(worker = %w.name, error = %e, steps = batch.len(), "report failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(retry_max(w));
+                batches.push((batch, max));
+            }
+            Err(e) if max > 0 => {
+                // perhaps the claim's part of the call: complete only, first
+                warn!(worker = %w.name, error = %e, steps = batch.len(), "report refused; trying again without claiming");
+                batches.push((batch, 0));
+            }
+            Err(e) if batch.len() > 1 => {
+                if !split {
+                    warn!(worker = %w.name, error = %e, steps = batch.len(), "report refused; reporting its steps in smaller batches to find the one at fault");
+                    split = true;
+                }
+                let second = batch.split_off(batch.len() / 2);
+                batches.push((second, 0));
+                batches.push((batch, 0));
+            }
+            Err(e) => {
+                let c = batch.pop().expect("one completion");
+                let failure = StepError {
+                    message: format!(
+                        "the step succeeded but its output could not be recorded: {e}"
+                    ),
+                    retryable: !e.is_data_error(),
+                };
+                warn!(worker = %w.name, step_id = c.step_id, error = %e, retryable = failure.retryable, "completion refused; failing the step");
+                record_failure(w, &c.lease, c.step_id, c.token, &failure).await;
+            }
+        }
+    }
+    claimed
+}
+
+/// One try of a report: `baton.complete_and_claim` for `done`, leasing up to `max`.
+async fn report_once(
+    w: &WorkerBuilder,
+    done: &[Completion],
+    max: usize,
+) -> Result<Vec<StepContext>> {
     let span = info_span!(
         "baton.report",
         worker = %w.name, completed = done.len(), max, claimed = tracing::field::Empty
@@ -443,7 +627,7 @@ async fn report(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<
     async {
         let ids: Vec<i64> = done.iter().map(|c| c.step_id).collect();
         let tokens: Vec<Uuid> = done.iter().map(|c| c.token).collect();
-        let outputs: Vec<serde_json::Value> = done.into_iter().map(|c| c.output).collect();
+        let outputs: Vec<&serde_json::Value> = done.iter().map(|c| &c.output).collect();
         let conn = w.client.pool().get().await?;
         let lease = w.lease.as_secs_f64();
         // prepared once per connection: a turn is one round trip
@@ -466,6 +650,26 @@ async fn report(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Result<
     }
     .instrument(span)
     .await
+}
+
+/// Run `op` until it succeeds, fails for a reason that is not transient, or
+/// `lease` is gone; pauses between tries as `report` does.
+async fn while_held<T, F, Fut>(w: &WorkerBuilder, lease: &Lease, what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut pause = RETRY_FIRST;
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && !lease.gone() => {
+                warn!(error = %e, "{what} failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(retry_max(w));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// A claim: lease up to `max` steps with `baton.claim_steps`, in a transaction
@@ -515,11 +719,12 @@ enum Outcome {
     LeaseLost,
 }
 
-/// One attempt: the handler races the heartbeat loop, which only ends if the
+/// One attempt: the handler races the lease's renewal, which only ends if the
 /// lease is lost (then the handler is dropped: its work is no longer ours).
-/// A success comes back to be reported with the worker's next turn; a failure
-/// is reported here.
-async fn run_step(w: &WorkerBuilder, ctx: StepContext) -> Option<Completion> {
+/// A success comes back to be reported with the worker's next turn, its lease
+/// still renewed; a failure is recorded here, and so is a step that has no
+/// handler here (handed back, see `NO_HANDLER_DELAY`).
+async fn run_step(w: &Arc<WorkerBuilder>, ctx: StepContext) -> Option<Completion> {
     let span = info_span!(
         "baton.step",
         workflow = %ctx.workflow, step = %ctx.step, run_id = %ctx.run_id, attempt = ctx.attempt, step_id = ctx.step_id
@@ -527,21 +732,29 @@ async fn run_step(w: &WorkerBuilder, ctx: StepContext) -> Option<Completion> {
     async {
         let (step_id, token) = (ctx.step_id, ctx.lease_token);
         let completed = ctx.completed_flag();
-        let handler = w.handlers.get(&(ctx.workflow.clone(), ctx.step.clone())).cloned();
-        let outcome = match handler {
-            None => Outcome::Done(Err(StepError::retryable(format!(
-                "worker {} has no handler for {}.{}",
-                w.name, ctx.workflow, ctx.step
-            )))),
-            Some(handler) => {
-                let work = AssertUnwindSafe(handler(ctx)).catch_unwind();
-                tokio::select! {
-                    result = work => Outcome::Done(result.unwrap_or_else(|panic| {
-                        Err(StepError::retryable(format!("handler panicked: {}", panic_message(&panic))))
-                    })),
-                    _ = keep_alive(w, step_id, token) => Outcome::LeaseLost,
-                }
+        let mut lease = Lease::start(w, step_id, token);
+        let Some(handler) = w.handlers.get(&(ctx.workflow.clone(), ctx.step.clone())).cloned() else {
+            // Not a failure of the step: a worker with the handler (another
+            // deployment, another version) takes it, and no attempt is used.
+            warn!(worker = %w.name, delay = ?NO_HANDLER_DELAY, "no handler for {}.{} here; handing the step back", ctx.workflow, ctx.step);
+            let released = while_held(w, &lease, "handing back the step", || async {
+                let conn = w.client.pool().get().await?;
+                release_step(&conn, step_id, token, Some(NO_HANDLER_DELAY)).await
+            })
+            .await;
+            match released {
+                Ok(()) => {}
+                Err(e) if e.is_lease_lost() => {}
+                Err(e) => warn!(error = %e, "could not hand back the step; it runs again when its lease expires"),
             }
+            return None;
+        };
+        let work = AssertUnwindSafe(handler(ctx)).catch_unwind();
+        let outcome = tokio::select! {
+            result = work => Outcome::Done(result.unwrap_or_else(|panic| {
+                Err(StepError::retryable(format!("handler panicked: {}", panic_message(&panic))))
+            })),
+            _ = lease.lost() => Outcome::LeaseLost,
         };
         match outcome {
             Outcome::LeaseLost => {
@@ -549,20 +762,106 @@ async fn run_step(w: &WorkerBuilder, ctx: StepContext) -> Option<Completion> {
                 None
             }
             Outcome::Done(Ok(_)) if completed.load(Ordering::SeqCst) => None,
-            Outcome::Done(Ok(output)) => Some(Completion { step_id, token, output }),
+            Outcome::Done(Ok(output)) => match nul_at(&output) {
+                None => Some(Completion { step_id, token, output, lease }),
+                Some(path) => {
+                    // jsonb refuses it (22P05): failing the step here, and
+                    // only it, keeps it out of a report with others
+                    let e = StepError::fatal(format!(
+                        "the output holds a NUL character (\\u0000) at {path}, which jsonb cannot store"
+                    ));
+                    warn!(error = %e.message, "step failed");
+                    record_failure(w, &lease, step_id, token, &e).await;
+                    None
+                }
+            },
             Outcome::Done(Err(e)) => {
                 debug!(error = %e.message, retryable = e.retryable, "step failed");
-                match fail(w, step_id, token, &e).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_lease_lost() => warn!("lease lost before the failure was recorded"),
-                    Err(e) => warn!(error = %e, "could not record the failure; the lease will expire and the step run again"),
-                }
+                record_failure(w, &lease, step_id, token, &e).await;
                 None
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Record a failure (`fail_step`), trying again while the lease is held.
+async fn record_failure(
+    w: &WorkerBuilder,
+    lease: &Lease,
+    step_id: i64,
+    token: Uuid,
+    e: &StepError,
+) {
+    match while_held(w, lease, "recording the failure", || {
+        fail(w, step_id, token, e)
+    })
+    .await
+    {
+        Ok(()) => {}
+        Err(e) if e.is_lease_lost() => warn!(step_id, "lease lost before the failure was recorded"),
+        Err(e) => {
+            warn!(step_id, error = %e, "could not record the failure; the lease will expire and the step run again")
+        }
+    }
+}
+
+/// Where `value` holds a NUL character (U+0000) in a string or an object
+/// key, as a path (`$.a[2]`), or None. serde_json writes it as `\u0000`, and
+/// PostgreSQL refuses that in jsonb (SQLSTATE 22P05) before any function
+/// runs, failing the whole statement.
+fn nul_at(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    fn holds(v: &Value) -> bool {
+        let mut stack = vec![v];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::String(s) if s.contains('\0') => return true,
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => {
+                    for (k, v) in map {
+                        if k.contains('\0') {
+                            return true;
+                        }
+                        stack.push(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+    if !holds(value) {
+        return None; // the common case: no path built
+    }
+    let mut path = String::from("$");
+    let mut v = value;
+    loop {
+        match v {
+            Value::Array(items) => {
+                let (i, item) = items.iter().enumerate().find(|(_, item)| holds(item))?;
+                path.push_str(&format!("[{i}]"));
+                v = item;
+            }
+            Value::Object(map) => {
+                let (k, item) = map
+                    .iter()
+                    .find(|(k, item)| k.contains('\0') || holds(item))?;
+                if !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                    path.push_str(&format!(".{k}"));
+                } else {
+                    path.push_str(&format!("[{k:?}]"));
+                }
+                if k.contains('\0') {
+                    path.push_str(" (the key)");
+                    return Some(path);
+                }
+                v = item;
+            }
+            _ => return Some(path),
+        }
+    }
 }
 
 async fn fail(w: &WorkerBuilder, step_id: i64, token: Uuid, e: &StepError) -> Result<()> {
@@ -642,6 +941,7 @@ mod tests {
             step_id,
             token: Uuid::new_v4(),
             output: serde_json::Value::Null,
+            lease: Lease::detached(),
         }
     }
 
@@ -667,6 +967,94 @@ mod tests {
         let mut many: Vec<Completion> = (0..(MAX_REPORT as i64 + 7)).map(done).collect();
         assert_eq!(next_report(&mut many).len(), MAX_REPORT);
         assert_eq!(many.len(), 7);
+    }
+
+    /// A NUL character in a string or a key is found, with where it is.
+    #[test]
+    fn nul_characters_are_found_in_strings_and_keys() {
+        use serde_json::json;
+        assert_eq!(nul_at(&json!({"a": [1, "x", {"b": null}], "c": 2.5})), None);
+        assert_eq!(
+            nul_at(&json!({"text": "a\u{0}b"})).as_deref(),
+            Some("$.text")
+        );
+        assert_eq!(
+            nul_at(&json!({"ok": "fine", "a": [1, {"b c": ["\u{0}"]}]})).as_deref(),
+            Some("$.a[1][\"b c\"][0]")
+        );
+        assert_eq!(
+            nul_at(&json!({"k\u{0}": 1})).as_deref(),
+            Some("$[\"k\\0\"] (the key)")
+        );
+        assert_eq!(nul_at(&json!("\u{0}")).as_deref(), Some("$"));
+    }
+
+    fn test_url() -> String {
+        std::env::var("BATON_TEST_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55441/baton_test".to_string())
+    }
+
+    /// The net under the NUL check: a report that the database refuses for
+    /// one step's data (22P05, before any function runs) is split until that
+    /// step is alone; the others complete, and only it fails, saying why.
+    #[tokio::test]
+    async fn a_data_error_in_a_report_fails_only_the_offending_step() {
+        let client = Client::connect(&test_url()).await.expect("connect");
+        let db = client.pool().get().await.unwrap();
+        let queue = format!("net-{}", Uuid::new_v4());
+        let def = serde_json::json!({"queue": queue, "steps": [{"name": "s", "max_attempts": 1}]});
+        db.execute("SELECT baton.define_workflow($1, $2)", &[&queue, &def])
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            db.execute("SELECT baton.enqueue_workflow($1)", &[&queue])
+                .await
+                .unwrap();
+        }
+        let claimed = db
+            .query(
+                "SELECT step_id, lease_token FROM baton.claim_steps('net', ARRAY[$1], 5)",
+                &[&queue],
+            )
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 5);
+        let w = Worker::builder(&client)
+            .queues([queue.clone()])
+            .build()
+            .inner;
+        let done = claimed
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Completion {
+                step_id: r.get(0),
+                token: r.get(1),
+                output: if i == 3 {
+                    serde_json::json!({ "text": "a\u{0}b" })
+                } else {
+                    serde_json::json!({ "i": i })
+                },
+                lease: Lease::start(&w, r.get(0), r.get(1)),
+            })
+            .collect();
+        let _ = report(&w, done, 0).await;
+        for (i, r) in claimed.iter().enumerate() {
+            let row = db
+                .query_one(
+                    "SELECT status::text, error FROM baton.steps WHERE step_id = $1",
+                    &[&r.get::<_, i64>(0)],
+                )
+                .await
+                .unwrap();
+            let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+            if i == 3 {
+                assert_eq!(status, "failed", "the offending step fails");
+                let error = error.unwrap_or_default();
+                assert!(error.contains("22P05"), "with the reason: {error}");
+            } else {
+                assert_eq!(status, "succeeded", "step {i} completes");
+            }
+        }
     }
 
     /// The claim turns off the flush wait for its own transaction, and only
