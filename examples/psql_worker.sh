@@ -5,6 +5,12 @@
 #   examples/psql_worker.sh QUEUE [--idle-exit SECONDS] -- [psql connection args...]
 #
 # Its one handler, polyglot.sh_step, adds 1 to the Python step's value.
+#
+# It polls (every 0.2 s when idle) instead of LISTENing, since psql cannot
+# wait for a notification; each idle poll is an empty claim. A worker with
+# several claimers listens on one connection per process and wakes one
+# claimer per notification instead (python_worker.py; README, "Workers in
+# other languages").
 set -euo pipefail
 queue=$1; shift
 idle_exit=

@@ -1,20 +1,45 @@
 #!/usr/bin/python3
 """A pg_baton worker in Python: nothing but psycopg 3 and the SQL protocol.
 
-    examples/python_worker.py DSN QUEUE [--idle-exit SECONDS]
+    examples/python_worker.py DSN QUEUE [--threads N] [--idle-exit SECONDS]
 
-It LISTENs on baton_ready for wake-ups (polling every 2 s as a fallback),
-claims steps of QUEUE, and runs each handler in a transaction that also calls
-baton.complete_step: if the lease was lost (SQLSTATE BT001) the handler's own
-writes roll back with it. Handlers are looked up by (workflow, step).
+The shape for a worker in any language (README, "Workers in other languages"):
+- One connection per process LISTENs on baton_ready. PostgreSQL delivers a
+  notification to every listener, so a listener per thread would wake every
+  idle thread for each runnable step, and all but one would claim nothing.
+- A notification wakes one idle claimer. Each of the N claimer threads has
+  its own connection.
+- A claimer loops on baton.complete_and_claim, which reports the steps it ran
+  and claims the next batch in one round trip; the steps its completions make
+  runnable are handed straight to it, so a chain stays on one thread. When a
+  claim comes back empty the claimer goes idle again. A full batch wakes one
+  more claimer: there may be more work than one thread takes.
+- With no notification for POLL seconds the listener wakes a claimer anyway:
+  notifications sent while it was disconnected are lost.
+
+Handlers are looked up by (workflow, step) and return the step's output; an
+exception fails the attempt (the database decides between retry and fail).
+These handlers write nothing, so their completions go in batches. A handler
+that writes to the database should instead make its writes and
+baton.complete_step one transaction, so that a lost lease (SQLSTATE BT001)
+rolls them back (psql_worker.sh does). A handler that may run longer than a
+third of LEASE should call baton.heartbeat.
+
+On SIGINT, SIGTERM or --idle-exit (no step claimed for that long) it runs and
+reports the steps it holds, then exits, printing its counters to stderr.
 """
-import json
 import select
+import signal
 import sys
+import threading
 import time
 
 import psycopg
+from psycopg.types.json import Jsonb
 
+LEASE = "30 seconds"
+BATCH = 10  # most steps per claim
+POLL = 5.0  # seconds without a notification before a claim anyway
 LEASE_LOST = "BT001"
 
 
@@ -24,62 +49,190 @@ def double(input, upstream, checkpoints):
 
 HANDLERS = {("polyglot", "py_step"): double}
 
+COLUMNS = "step_id, lease_token, workflow, step, input, upstream, checkpoints"
+# A claim with nothing to report need not wait for the WAL flush (README,
+# "Claims that skip the flush wait"). A report carries completions, so it
+# stays durable.
+CLAIM = (
+    f"SELECT {COLUMNS} FROM (SELECT set_config('synchronous_commit', 'off', true)) s,"
+    " baton.claim_steps(%(worker)s, ARRAY[%(queue)s], %(max)s, %(lease)s)"
+)
+REPORT = (
+    f"SELECT {COLUMNS} FROM baton.complete_and_claim(%(ids)s::bigint[], %(tokens)s::uuid[],"
+    " %(outputs)s::jsonb[], %(worker)s, ARRAY[%(queue)s], %(max)s, %(lease)s)"
+)
 
-def run(dsn, queue, idle_exit=None, name="python-worker"):
-    conn = psycopg.connect(dsn, autocommit=True)
-    woken = []
-    conn.add_notify_handler(lambda n: woken.append(n.payload) if n.payload == queue else None)
-    conn.execute("LISTEN baton_ready")
-    idle_since = time.monotonic()
-    while True:
-        # A claim in its own transaction need not wait for the WAL flush (a
-        # claim lost in a crash is a lease that never was: README, "Claims
-        # that skip the flush wait"); completions below stay durable.
-        steps = conn.execute(
-            "SELECT c.step_id, c.lease_token, c.workflow, c.step, c.input, c.upstream, c.checkpoints"
-            "  FROM (SELECT set_config('synchronous_commit', 'off', true)) s,"
-            "       baton.claim_steps(%s, ARRAY[%s], 10, '30 seconds') c",
-            (name, queue),
-        ).fetchall()
-        for step_id, token, workflow, step, input, upstream, checkpoints in steps:
+# Round trips that asked for steps, those that got none, and steps run: what
+# the benchmark (examples/bench.rs, W1_py and W2_py) checks.
+STATS = {"claims": 0, "empty": 0, "steps": 0}
+STATS_LOCK = threading.Lock()
+
+
+def count(asked, claimed, ran=0):
+    with STATS_LOCK:
+        STATS["claims"] += asked
+        STATS["empty"] += asked and not claimed
+        STATS["steps"] += ran
+
+
+class Wakeups:
+    """Wake-ups owed to idle claimers; each one lets exactly one claimer go."""
+
+    def __init__(self, threads):
+        self.cond = threading.Condition()
+        self.threads = threads
+        self.idle = 0
+        self.pending = 0
+        self.last_claimed = time.monotonic()
+        self.stopping = False
+        self.failed = False
+
+    def wake_one(self):
+        with self.cond:
+            # More wake-ups than idle claimers would only buy empty claims. One
+            # is kept even when none is idle: a claimer whose claim came back
+            # empty just before this step became ready must still claim it.
+            if self.pending < max(self.idle, 1):
+                self.pending += 1
+                self.cond.notify()
+
+    def wait(self):
+        """Blocks until this claimer may claim; False when the worker stops."""
+        with self.cond:
+            self.idle += 1
+            while not self.pending and not self.stopping:
+                self.cond.wait()
+            self.idle -= 1
+            if self.stopping:
+                return False
+            self.pending -= 1
+            return True
+
+    def claimed(self):
+        with self.cond:
+            self.last_claimed = time.monotonic()
+
+    def idle_for(self):
+        """How long since the last step was claimed, if every claimer is idle."""
+        with self.cond:
+            if self.idle < self.threads:
+                return 0.0
+            return time.monotonic() - self.last_claimed
+
+    def stop(self):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+
+def run_steps(conn, name, steps):
+    """Runs the handlers; returns what to report. A failure is reported at once."""
+    done = ([], [], [])
+    for step_id, token, workflow, step, input, upstream, checkpoints in steps:
+        try:
             handler = HANDLERS.get((workflow, step))
+            if handler is None:
+                raise LookupError(f"no handler for {workflow}.{step}")
+            output = handler(input, upstream, checkpoints)
+        except Exception as e:
             try:
-                with conn.transaction():
-                    if handler is None:
-                        raise RuntimeError(f"no handler for {workflow}.{step}")
-                    output = handler(input, upstream, checkpoints)
-                    conn.execute(
-                        "SELECT baton.complete_step(%s, %s, %s::jsonb)", (step_id, token, json.dumps(output))
-                    )
-            except psycopg.Error as e:
-                if e.sqlstate == LEASE_LOST:
-                    print(f"{name}: lost the lease on step {step_id}; its work was rolled back", file=sys.stderr)
-                    continue
-                raise
-            except Exception as e:  # the handler failed: let the database decide retry or fail
-                try:
-                    conn.execute("SELECT baton.fail_step(%s, %s, %s)", (step_id, token, str(e)))
-                except psycopg.Error as fe:
-                    if fe.sqlstate != LEASE_LOST:
-                        raise
-        if steps:
-            idle_since = time.monotonic()
+                conn.execute("SELECT baton.fail_step(%s, %s, %s)", (step_id, token, f"{type(e).__name__}: {e}"))
+            except psycopg.Error as fe:
+                if fe.sqlstate != LEASE_LOST:
+                    raise
+                print(f"{name}: lost the lease on step {step_id}", file=sys.stderr)
             continue
-        if idle_exit is not None and time.monotonic() - idle_since > idle_exit:
-            return
-        # Sleep until a notification arrives on the socket, or 2 s pass.
-        select.select([conn.fileno()], [], [], 2.0)
-        conn.execute("SELECT 1")  # lets psycopg read and dispatch notifications
-        woken.clear()
+        for column, value in zip(done, (step_id, token, Jsonb(output))):
+            column.append(value)
+    return done
+
+
+def claimer(dsn, queue, name, wakeups):
+    try:
+        conn = psycopg.connect(dsn, autocommit=True)
+        # complete_and_claim skips a completion whose lease was lost, with a NOTICE
+        conn.add_notice_handler(lambda d: print(f"{name}: {d.message_primary}", file=sys.stderr))
+        args = {"worker": name, "queue": queue, "lease": LEASE, "max": BATCH}
+        while wakeups.wait():
+            steps = conn.execute(CLAIM, args).fetchall()
+            count(1, len(steps))
+            while steps:
+                wakeups.claimed()
+                if len(steps) == BATCH:
+                    wakeups.wake_one()
+                ids, tokens, outputs = run_steps(conn, name, steps)
+                more = 0 if wakeups.stopping else BATCH
+                report = {**args, "ids": ids, "tokens": tokens, "outputs": outputs, "max": more}
+                steps = conn.execute(REPORT, report).fetchall()
+                count(more > 0, len(steps), len(ids))
+        conn.close()
+    except BaseException:
+        # A claimer that fails stops the process rather than leaving it with
+        # fewer threads: let a supervisor restart it. Its leases expire and
+        # are taken over.
+        wakeups.failed = True
+        wakeups.stop()
+        raise
+
+
+def listen(dsn, queue, wakeups, idle_exit):
+    """The process's one LISTEN connection, reconnecting when it fails."""
+    woken = time.monotonic()
+
+    def wake():
+        nonlocal woken
+        woken = time.monotonic()
+        wakeups.wake_one()
+
+    while not wakeups.stopping:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.add_notify_handler(lambda n: wake() if n.payload == queue else None)
+                conn.execute("LISTEN baton_ready")
+                wake()  # for what became runnable while nobody listened
+                while not wakeups.stopping:
+                    # Short waits, so that a stop or --idle-exit is seen soon.
+                    if select.select([conn], [], [], 0.5)[0]:
+                        conn.execute("SELECT 1")  # psycopg reads what arrived and calls wake()
+                    if time.monotonic() - woken >= POLL:
+                        wake()
+                    if idle_exit is not None and wakeups.idle_for() > idle_exit:
+                        wakeups.stop()
+        except psycopg.OperationalError as e:
+            print(f"python-worker: listener: {e}; reconnecting", file=sys.stderr)
+            time.sleep(1)
+
+
+def run(dsn, queue, threads=4, idle_exit=None, name="python-worker"):
+    wakeups = Wakeups(threads)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: wakeups.stop())
+    pool = [threading.Thread(target=claimer, args=(dsn, queue, f"{name}-{i}", wakeups)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    try:
+        listen(dsn, queue, wakeups, idle_exit)
+    finally:
+        wakeups.stop()
+        for t in pool:
+            t.join()
+    print(f"{name}: threads={threads} steps={STATS['steps']} claims={STATS['claims']} empty_claims={STATS['empty']}",
+          file=sys.stderr)
+    if wakeups.failed:
+        sys.exit(1)
+
+
+def main(args):
+    opts = {"--threads": 4, "--idle-exit": None}
+    for opt in opts:
+        if opt in args:
+            i = args.index(opt)
+            opts[opt] = float(args[i + 1])
+            del args[i : i + 2]
+    if len(args) != 2:
+        sys.exit(__doc__)
+    run(args[0], args[1], threads=int(opts["--threads"]), idle_exit=opts["--idle-exit"])
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    idle = None
-    if "--idle-exit" in args:
-        i = args.index("--idle-exit")
-        idle = float(args[i + 1])
-        del args[i : i + 2]
-    if len(args) != 2:
-        sys.exit(__doc__)
-    run(args[0], args[1], idle)
+    main(sys.argv[1:])
