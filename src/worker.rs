@@ -41,7 +41,7 @@ pub fn register() {
         .set_function("baton_scheduler_main")
         .set_library("pg_baton")
         .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(5)))
+        .set_restart_time(Some(Duration::from_secs(1)))
         .load();
 }
 
@@ -90,8 +90,19 @@ fn restart() -> ! {
 /// to connect to it.
 fn wait_for_database(database: &str) -> ! {
     BackgroundWorker::connect_worker_to_spi(None, None);
-    log!("pg_baton scheduler: waiting for database \"{database}\" to be created");
     let name = CString::new(database).unwrap_or_default();
+    let exists = || {
+        BackgroundWorker::transaction(|| unsafe {
+            pg_sys::get_database_oid(name.as_ptr(), true) != pg_sys::InvalidOid
+        })
+    };
+    // Created meanwhile (the common case at server start: createdb right
+    // after pg_ctl start): restart to connect, with nothing to say.
+    if exists() {
+        CONNECTING.get().store(false, Ordering::Relaxed);
+        restart();
+    }
+    log!("pg_baton scheduler: waiting for database \"{database}\" to be created");
     loop {
         let wait = Duration::from_millis(settings::INTERVAL_MS.get().max(10) as u64);
         if !BackgroundWorker::wait_latch(Some(wait)) {
@@ -100,10 +111,7 @@ fn wait_for_database(database: &str) -> ! {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let exists = BackgroundWorker::transaction(|| unsafe {
-            pg_sys::get_database_oid(name.as_ptr(), true) != pg_sys::InvalidOid
-        });
-        if exists {
+        if exists() {
             log!("pg_baton scheduler: database \"{database}\" exists now; restarting to connect to it");
             CONNECTING.get().store(false, Ordering::Relaxed);
             restart();
