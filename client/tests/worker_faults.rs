@@ -159,6 +159,40 @@ async fn blocked_by(db: &tokio_postgres::Client, holder: i32) -> Vec<i32> {
     .collect()
 }
 
+/// Another session holding a run's lock in an open transaction (`locker`,
+/// backend `holder`), and one to watch with (`db`).
+struct RunLock {
+    locker: tokio_postgres::Client,
+    db: tokio_postgres::Client,
+    holder: i32,
+}
+
+/// Take the run's lock in another session, open `gate` so that the handler
+/// finishes, and wait until the worker's report is blocked on the lock.
+async fn hold_run_lock(run: uuid::Uuid, gates: &Gates, gate: i64, what: &str) -> RunLock {
+    let locker = common::connect().await;
+    let db = common::connect().await;
+    let holder: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .execute("SELECT baton._lock_run($1)", &[&run])
+        .await
+        .unwrap();
+    gates.open(gate);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !blocked_by(&db, holder).await.is_empty()
+        })
+        .await,
+        "{what}"
+    );
+    RunLock { locker, db, holder }
+}
+
 /// Wait until the lease of `run`'s step reaches past `since + margin`
 /// seconds (server clock): with a margin of more than a lease, a heartbeat
 /// renewed it after `since`.
@@ -283,26 +317,8 @@ async fn a_report_whose_connection_is_killed_is_retried() {
     recv_started(&mut started, 1).await;
 
     // Hold the run's lock: the report (complete_and_claim) waits for it.
-    let locker = common::connect().await;
-    let db = common::connect().await;
-    let holder: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute("SELECT baton._lock_run($1)", &[&run])
-        .await
-        .unwrap();
-    gates.open(1);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            !blocked_by(&db, holder).await.is_empty()
-        })
-        .await,
-        "the report waits for the run lock"
-    );
+    let RunLock { locker, db, holder } =
+        hold_run_lock(run, &gates, 1, "the report waits for the run lock").await;
     let first = blocked_by(&db, holder).await[0];
     let since = server_now(&db).await;
     db.execute("SELECT pg_terminate_backend($1)", &[&first])
@@ -354,26 +370,8 @@ async fn finished_steps_keep_their_leases_until_reported() {
         .unwrap();
     recv_started(&mut started, 2).await;
 
-    let locker = common::connect().await;
-    let db = common::connect().await;
-    let holder: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute("SELECT baton._lock_run($1)", &[&x])
-        .await
-        .unwrap();
-    gates.open(1);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            !blocked_by(&db, holder).await.is_empty()
-        })
-        .await,
-        "x's report waits for the run lock"
-    );
+    let RunLock { locker, db, .. } =
+        hold_run_lock(x, &gates, 1, "x's report waits for the run lock").await;
     // y finishes while x's report is in flight: it waits for the next report.
     gates.open(2);
     assert!(
