@@ -192,8 +192,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     run_status text;
 BEGIN
-    PERFORM baton._require(complete_step.step_id, 'step_id');
-    PERFORM baton._require(complete_step.lease_token, 'lease_token');
+    IF complete_step.step_id IS NULL OR complete_step.lease_token IS NULL THEN
+        PERFORM baton._require(complete_step.step_id, 'step_id');
+        PERFORM baton._require(complete_step.lease_token, 'lease_token');
+    END IF;
     SELECT c.status INTO run_status
       FROM baton.complete_steps(ARRAY[complete_step.step_id], ARRAY[complete_step.lease_token],
                                 ARRAY[complete_step.output]) c;
@@ -245,13 +247,17 @@ BEGIN
             PERFORM baton._require(complete_and_claim.lease, 'lease');
             PERFORM baton._check_interval(complete_and_claim.lease, 'lease');
         END IF;
-        -- names travel in NOTIFY payloads and index keys (see _check_length)
+        -- names travel in NOTIFY payloads and index keys (see _check_length);
+        -- a simple expression first (no query on every turn): queue names
+        -- that are 200 bytes together are each at most that
         IF octet_length(complete_and_claim.worker) > 200
            OR array_ndims(complete_and_claim.queues) > 1 OR array_lower(complete_and_claim.queues, 1) <> 1
-           OR EXISTS (SELECT FROM unnest(complete_and_claim.queues) q WHERE octet_length(q) > 200) THEN
+           OR octet_length(array_to_string(complete_and_claim.queues, '')) > 200 THEN
             PERFORM baton._check_length(complete_and_claim.worker, 'worker');
             PERFORM baton._check_array(complete_and_claim.queues, 'queues');
-            RAISE EXCEPTION 'queues must be names of at most 200 bytes each' USING ERRCODE = 'invalid_parameter_value';
+            IF EXISTS (SELECT FROM unnest(complete_and_claim.queues) q WHERE octet_length(q) > 200) THEN
+                RAISE EXCEPTION 'queues must be names of at most 200 bytes each' USING ERRCODE = 'invalid_parameter_value';
+            END IF;
         END IF;
     END IF;
 
@@ -300,9 +306,11 @@ DECLARE
     run uuid := baton._run_of(fail_step.step_id);
     s baton.steps;
 BEGIN
-    PERFORM baton._require(fail_step.step_id, 'step_id');
-    PERFORM baton._require(fail_step.lease_token, 'lease_token');
-    PERFORM baton._require(fail_step.error, 'error');
+    IF fail_step.step_id IS NULL OR fail_step.lease_token IS NULL OR fail_step.error IS NULL THEN
+        PERFORM baton._require(fail_step.step_id, 'step_id');
+        PERFORM baton._require(fail_step.lease_token, 'lease_token');
+        PERFORM baton._require(fail_step.error, 'error');
+    END IF;
     IF run IS NULL THEN
         PERFORM baton._lease_lost(fail_step.step_id);
     END IF;

@@ -373,10 +373,14 @@ LANGUAGE plpgsql AS $$
 DECLARE
     expires timestamptz;
 BEGIN
-    PERFORM baton._require(heartbeat.step_id, 'step_id');
-    PERFORM baton._require(heartbeat.lease_token, 'lease_token');
-    PERFORM baton._require(heartbeat.lease, 'lease');
-    PERFORM baton._check_interval(heartbeat.lease, 'lease');
+    -- simple expressions first: a PERFORM is a query of its own
+    IF heartbeat.step_id IS NULL OR heartbeat.lease_token IS NULL OR heartbeat.lease IS NULL
+       OR NOT baton._interval_ok(heartbeat.lease) THEN
+        PERFORM baton._require(heartbeat.step_id, 'step_id');
+        PERFORM baton._require(heartbeat.lease_token, 'lease_token');
+        PERFORM baton._require(heartbeat.lease, 'lease');
+        PERFORM baton._check_interval(heartbeat.lease, 'lease');
+    END IF;
     UPDATE baton.steps s
        SET lease_expires_at = CASE WHEN s.timeout IS NULL THEN clock_timestamp() + heartbeat.lease
                                    ELSE least(clock_timestamp() + heartbeat.lease, s.started_at + s.timeout) END
@@ -396,13 +400,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     s record;
 BEGIN
-    PERFORM baton._require(checkpoint.step_id, 'step_id');
-    PERFORM baton._require(checkpoint.lease_token, 'lease_token');
-    PERFORM baton._require(checkpoint.key, 'key');
+    IF checkpoint.step_id IS NULL OR checkpoint.lease_token IS NULL OR checkpoint.key IS NULL THEN
+        PERFORM baton._require(checkpoint.step_id, 'step_id');
+        PERFORM baton._require(checkpoint.lease_token, 'lease_token');
+        PERFORM baton._require(checkpoint.key, 'key');
+    END IF;
     IF checkpoint.key = '' THEN
         RAISE EXCEPTION 'key must be a non-empty text' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM baton._check_length(checkpoint.key, 'key', 1000);
+    IF octet_length(checkpoint.key) > 1000 THEN
+        PERFORM baton._check_length(checkpoint.key, 'key', 1000);
+    END IF;
     -- FOR SHARE: a concurrent reclaim waits until this checkpoint is committed
     SELECT t.run_id, t.attempt INTO s FROM baton.steps t
      WHERE t.step_id = checkpoint.step_id AND t.lease_token = checkpoint.lease_token
@@ -426,9 +434,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     ready_on text;
 BEGIN
-    PERFORM baton._require(release_step.step_id, 'step_id');
-    PERFORM baton._require(release_step.lease_token, 'lease_token');
-    PERFORM baton._check_interval(release_step.delay, 'delay');
+    IF release_step.step_id IS NULL OR release_step.lease_token IS NULL
+       OR NOT baton._interval_ok(release_step.delay) THEN
+        PERFORM baton._require(release_step.step_id, 'step_id');
+        PERFORM baton._require(release_step.lease_token, 'lease_token');
+        PERFORM baton._check_interval(release_step.delay, 'delay');
+    END IF;
     UPDATE baton.steps s
        SET status = CASE WHEN release_step.delay IS NULL THEN 'ready' ELSE 'scheduled' END::baton.step_status,
            attempt = s.attempt - 1, run_at = now() + coalesce(release_step.delay, interval '0'),
