@@ -29,7 +29,8 @@ static HORIZON_WARNED_AT: AtomicU64 = AtomicU64::new(0);
 /// it outlives the process: a connection to a database that does not exist
 /// ends the process (FATAL) with it still set, and the next start then waits
 /// for the database instead of failing again every restart interval.
-static CONNECTING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_baton_scheduler_connecting") };
+static CONNECTING: PgAtomic<AtomicBool> =
+    unsafe { PgAtomic::new(c"pg_baton_scheduler_connecting") };
 
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
