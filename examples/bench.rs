@@ -7,8 +7,9 @@
 //! then one TARGET line per target, as a ratio against W0 measured in the
 //! same run. Workloads: W0 floor (one durable commit), W1 throughput, W2
 //! latency, W3 enqueue, W4 W1 with a big history, W5 wake-up, W6 W2 beside
-//! 100,000 healthy leases in another queue, soak; W1_py and
-//! W2_py are W1 and W2 run by the Python example worker.
+//! 100,000 healthy leases in another queue, W7 timer lateness (sleep steps
+//! fired by the background worker), W8 a map over 100,000 elements, soak;
+//! W1_py and W2_py are W1 and W2 run by the Python example worker.
 //!
 //!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N] [--repeat N] [--py-threads N]
 //!
@@ -220,11 +221,47 @@ async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
     if o.runs("W6") {
         w6 = Some(latency_beside_leases(o, client, admin).await);
     }
+    let mut w7 = None;
+    if o.runs("W7") {
+        w7 = Some(lateness(o, client).await);
+    }
+    let mut w8 = None;
+    if o.runs("W8") {
+        w8 = Some(map_fan_out(o, client).await);
+    }
     if o.runs("SOAK") {
         soak(o, client, admin).await;
     }
 
     // Targets, as ratios within this run.
+    if let Some((median, p99)) = w7 {
+        record_target("W7", median);
+        record_target("W7_P99", p99);
+        target(
+            "W7",
+            target_met("W7", median),
+            &format!("median lateness {median:.2} ms <= 20"),
+        );
+        target(
+            "W7_P99",
+            target_met("W7_P99", p99),
+            &format!("p99 lateness {p99:.2} ms <= 100"),
+        );
+    }
+    if let (Some(w8), Some(w1)) = (w8, w1) {
+        let ratio = w8.steps_per_s() / w1.steps_per_s();
+        record_target("W8", ratio);
+        target(
+            "W8",
+            target_met("W8", ratio),
+            &format!(
+                "map items per s {:.1} is {:.0}% of W1 steps per s {:.1} (>= 90%)",
+                w8.steps_per_s(),
+                ratio * 100.0,
+                w1.steps_per_s()
+            ),
+        );
+    }
     if let (Some(f1), Some(w2)) = (w0.0, w2) {
         let limit = 1.5 * f1.ms_per_step();
         let ratio = w2.ms_per_step() / f1.ms_per_step();
@@ -317,6 +354,9 @@ fn target_met(w: &str, value: f64) -> bool {
         "W2" => value <= 1.5,
         "W4" => value >= 0.9,
         "W6" => value <= 1.2,
+        "W7" => value <= 20.0,
+        "W7_P99" => value <= 100.0,
+        "W8" => value >= 0.9,
         _ => value < 5.0,
     }
 }
@@ -355,6 +395,9 @@ fn print_medians(runs: usize) {
                 "W2" => "W2/W0(1 client) <= 1.5",
                 "W4" => "W4/W1 >= 0.9",
                 "W6" => "W6/W6_base <= 1.2",
+                "W7" => "W7 median lateness ms <= 20",
+                "W7_P99" => "W7 p99 lateness ms <= 100",
+                "W8" => "W8 map items/s / W1 steps/s >= 0.9",
                 _ => "W5 median wake-up ms < 5",
             };
             println!(
@@ -1103,6 +1146,147 @@ async fn wakeup(o: &Opts, client: &Client) -> f64 {
         "RESULT system=pg_baton workload=W5 workflows={tries} steps={tries} wall_s=0 steps_per_s=0 ms_per_step={median:.3} enqueue_per_s=0 median_ms={median:.3} p99_ms={p99:.3}"
     );
     median
+}
+
+/// W7: timer lateness. Sleep steps (`sleep_until` a time in the run's input,
+/// spread over a few seconds) are fired by the background worker, which
+/// sleeps until the next one is due and is woken at commit when a sooner one
+/// is added. Lateness is the time from a step's due time to the start of the
+/// transaction that made it succeed, read from the database (one clock).
+/// Returns (median, p99) in ms.
+async fn lateness(o: &Opts, client: &Client) -> (f64, f64) {
+    let wf = "bench_w7";
+    let conn = client.pool().get().await.unwrap();
+    conn.query_one(
+        "SELECT baton.define_workflow($1, $2)",
+        &[
+            &wf,
+            &json!({"steps": [{"name": "nap", "sleep_until": "$.input.at"}]}),
+        ],
+    )
+    .await
+    .unwrap();
+    let n = o.n(1000, 50) as i32;
+    let spread = if o.quick { 1.0 } else { 5.0 };
+    // in batches of 50, a few ms apart, so that timers are added while
+    // others are being fired
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(50);
+        conn.query_one(
+            "SELECT baton.enqueue_workflows($1, ARRAY(SELECT jsonb_build_object('at', clock_timestamp() \
+             + make_interval(secs => 0.2 + random() * $3)) FROM generate_series(1, $2)))",
+            &[&wf, &batch, &spread],
+        )
+        .await
+        .unwrap();
+        left -= batch;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(spread + 30.0);
+    loop {
+        let left: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM baton.runs WHERE workflow = $1 AND status <> 'succeeded'",
+                &[&wf],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "W7: {left} sleep steps did not fire"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = conn
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms) \
+               FROM (SELECT (extract(epoch FROM s.finished_at - (r.input ->> 'at')::timestamptz) * 1000)::float8 AS ms \
+                       FROM baton.runs r JOIN baton.steps s ON s.run_id = r.id WHERE r.workflow = $1) l",
+            &[&wf],
+        )
+        .await
+        .unwrap();
+    let (median, p99, max): (f64, f64, f64) = (row.get(0), row.get(1), row.get(2));
+    record("W7", 0.0, median);
+    println!(
+        "RESULT system=pg_baton workload=W7 workflows={n} steps={n} wall_s=0 steps_per_s=0 ms_per_step={median:.3} enqueue_per_s=0 median_ms={median:.3} p99_ms={p99:.3} max_ms={max:.3}"
+    );
+    (median, p99)
+}
+
+/// W8: one run whose `split` step outputs an array of 100,000 numbers (2,000
+/// in quick mode), a map step over it with a no-op handler, then `join`; one
+/// worker with concurrency 8, as W1. Timed from the end of `split` (its
+/// completion inserts the items) to the end of the map step, from the
+/// database's clock: items per second against W1's steps per second.
+async fn map_fan_out(o: &Opts, client: &Client) -> Figure {
+    let wf = "bench_w8";
+    let n = o.n(100_000, 2000);
+    client
+        .define_workflow(
+            &WorkflowDef::new(wf)
+                .queue(wf)
+                .step(Step::new("split"))
+                .step(Step::map("each", "split"))
+                .step(Step::new("join").after(["each"])),
+        )
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let finished = done.clone();
+    let worker = Worker::builder(client)
+        .name("bench-W8")
+        .queues([wf])
+        .concurrency(8)
+        .poll_interval(Duration::from_millis(200))
+        .handler(wf, "split", move |_| async move {
+            Ok((0..n).collect::<Vec<usize>>())
+        })
+        .handler(wf, "each", |_| async { Ok(()) })
+        .handler(wf, "join", move |_| {
+            finished_one(&finished);
+            async { Ok(()) }
+        });
+    settle(client).await;
+    let running = Running::start(worker);
+    let run = client
+        .enqueue(wf, &json!({}), EnqueueOptions::default())
+        .await
+        .unwrap();
+    wait_for(&done, 1).await;
+    running.stop().await;
+    let conn = client.pool().get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT extract(epoch FROM m.finished_at - s.finished_at)::float8, \
+                    extract(epoch FROM (SELECT min(i.finished_at) FROM baton.steps i WHERE i.run_id = $1 AND i.map_index IS NOT NULL) - s.finished_at)::float8, \
+                    jsonb_array_length(m.output) \
+               FROM baton.steps s JOIN baton.steps m ON m.run_id = s.run_id AND m.name = 'each' AND m.map_index IS NULL \
+              WHERE s.run_id = $1 AND s.name = 'split'",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    let (wall, fan_out, items): (f64, f64, i32) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        items as usize, n,
+        "W8: the map's output has every item's result"
+    );
+    let f = Figure {
+        workflows: 1,
+        steps: n,
+        wall_s: wall,
+        enqueue_per_s: 0.0,
+    };
+    // first_item_ms: from the end of split to the first item's completion,
+    // which includes the insert of every item (in split's completion)
+    f.print("W8", &format!(" first_item_ms={:.1}", fan_out * 1000.0));
+    f
 }
 
 /// Soak: a steady load while the table sizes are sampled; retention keeps

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # "Any language is a worker": a Python worker and a psql worker run the two
 # steps of the same workflow. py_step (queue polyglot_py) doubles the input,
-# sh_step (queue polyglot_sh, after py_step) adds one.
+# sh_step (queue polyglot_sh, after py_step) adds one; py_parts splits the
+# input in three numbers and py_square, a map over them, squares each one in
+# the Python worker (one claim per element).
 #
 #   examples/polyglot.sh [psql connection args...]   (default: the demo cluster)
 set -euo pipefail
@@ -18,7 +20,9 @@ dsn="host=$host port=$port user=$user dbname=$db"
 
 q "$@" -c "SELECT baton.define_workflow('polyglot', '{\"steps\": [
     {\"name\": \"py_step\", \"queue\": \"polyglot_py\"},
-    {\"name\": \"sh_step\", \"after\": [\"py_step\"], \"queue\": \"polyglot_sh\"}]}')" >/dev/null
+    {\"name\": \"sh_step\", \"after\": [\"py_step\"], \"queue\": \"polyglot_sh\"},
+    {\"name\": \"py_parts\", \"queue\": \"polyglot_py\"},
+    {\"name\": \"py_square\", \"after\": [\"py_parts\"], \"map\": \"py_parts\", \"queue\": \"polyglot_py\"}]}')" >/dev/null
 batch=$(date +%s%N)
 for n in $(seq 1 20); do
     q "$@" -c "SELECT baton.enqueue_workflow('polyglot', '{\"n\": $n, \"batch\": \"$batch\"}')" >/dev/null
@@ -36,6 +40,9 @@ psql -X "$@" -c "SELECT r.input->>'n' AS n, r.status, r.output, string_agg(a.wor
                   GROUP BY r.id, r.input, r.status, r.output ORDER BY (r.input->>'n')::int LIMIT 5"
 bad=$(q "$@" -c "SELECT count(*) FROM baton.workflow_runs r
                   WHERE r.workflow = 'polyglot' AND r.input->>'batch' = '$batch'
-                    AND (r.status <> 'succeeded' OR (r.output #>> '{sh_step,value}')::int <> 2 * (r.input->>'n')::int + 1)")
+                    AND (r.status <> 'succeeded' OR (r.output #>> '{sh_step,value}')::int <> 2 * (r.input->>'n')::int + 1
+                         OR r.output -> 'py_square' <> jsonb_build_array(power((r.input->>'n')::int, 2)::int,
+                                                                     power((r.input->>'n')::int + 1, 2)::int,
+                                                                     power((r.input->>'n')::int + 2, 2)::int))")
 echo "polyglot: $((20 - bad)) passed, $bad failed"
 [ "$bad" = 0 ]

@@ -19,6 +19,9 @@ The shape for a worker in any language (README, "Workers in other languages"):
 
 Handlers are looked up by (workflow, step) and return the step's output; an
 exception fails the attempt (the database decides between retry and fail).
+A map item (docs/time-and-events.md) is claimed under its map step's name,
+with its position and element in the claim's map_index and map_item: the
+handler gets them as `item` ((index, element), or None for other steps).
 These handlers write nothing, so their completions go in batches. A handler
 that writes to the database should instead make its writes and
 baton.complete_step one transaction, so that a lost lease (SQLSTATE BT001)
@@ -43,13 +46,22 @@ POLL = 5.0  # seconds without a notification before a claim anyway
 LEASE_LOST = "BT001"
 
 
-def double(input, upstream, checkpoints):
+def double(input, upstream, checkpoints, item):
     return {"value": input["n"] * 2}
 
 
-HANDLERS = {("polyglot", "py_step"): double}
+def parts(input, upstream, checkpoints, item):
+    return [input["n"], input["n"] + 1, input["n"] + 2]
 
-COLUMNS = "step_id, lease_token, workflow, step, input, upstream, checkpoints"
+
+def square(input, upstream, checkpoints, item):
+    index, element = item
+    return element * element
+
+
+HANDLERS = {("polyglot", "py_step"): double, ("polyglot", "py_parts"): parts, ("polyglot", "py_square"): square}
+
+COLUMNS = "step_id, lease_token, workflow, step, input, upstream, checkpoints, map_index, map_item"
 # A claim with nothing to report need not wait for the WAL flush (README,
 # "Claims that skip the flush wait"). A report carries completions, so it
 # stays durable.
@@ -128,12 +140,13 @@ class Wakeups:
 def run_steps(conn, name, steps):
     """Runs the handlers; returns what to report. A failure is reported at once."""
     done = ([], [], [])
-    for step_id, token, workflow, step, input, upstream, checkpoints in steps:
+    for step_id, token, workflow, step, input, upstream, checkpoints, map_index, map_item in steps:
         try:
             handler = HANDLERS.get((workflow, step))
             if handler is None:
                 raise LookupError(f"no handler for {workflow}.{step}")
-            output = handler(input, upstream, checkpoints)
+            item = None if map_index is None else (map_index, map_item)
+            output = handler(input, upstream, checkpoints, item)
         except Exception as e:
             try:
                 conn.execute("SELECT baton.fail_step(%s, %s, %s)", (step_id, token, f"{type(e).__name__}: {e}"))

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# ALTER EXTENSION pg_baton UPDATE from the released 0.1.0, with runs in flight.
+# ALTER EXTENSION pg_baton UPDATE from every released version (0.1.0, 0.2.0),
+# with runs in flight.
 #
 #   pg_test/upgrade.sh HOST PORT
 #
-# In two fresh databases of a running server (pg_baton installed, with
-# sql/released/ copied to the extension directory by scripts/lib.sh):
-#   baton_upgrade_old: CREATE EXTENSION pg_baton VERSION '0.1.0', runs left in
+# For each released version OLD, in two fresh databases of a running server
+# (pg_baton installed, with sql/released/ copied to the extension directory
+# by scripts/lib.sh):
+#   baton_upgrade_old: CREATE EXTENSION pg_baton VERSION 'OLD', runs left in
 #       every state a step can be in (running under a lease, delayed, blocked,
 #       ready, retrying after a failure), then ALTER EXTENSION pg_baton UPDATE;
 #   baton_upgrade_new: CREATE EXTENSION pg_baton (the current version).
 # Checks that both have the same catalog (every function's definition and
 # settings, column, index, constraint, view and type of schema baton), that
-# the lease taken under 0.1.0 is still held (its token completes the step, a
+# the lease taken under OLD is still held (its token completes the step, a
 # stale one is refused with BT001), and that every run then finishes.
 set -euo pipefail
 HOST=$1 PORT=$2
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h "$HOST" -p "$PORT" -U postgres)
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-fail() { echo "upgrade test FAILED: $*" >&2; exit 1; }
+fail() { echo "upgrade test FAILED (from $from): $*" >&2; exit 1; }
+
+upgrade_from() {
+from=$1
 
 for db in baton_upgrade_old baton_upgrade_new; do
     PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
@@ -27,8 +32,8 @@ done
 current=$("${PSQL[@]}" -At -d baton_upgrade_new -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_baton'")
 
 old=("${PSQL[@]}" -d baton_upgrade_old)
-"${old[@]}" -c "CREATE EXTENSION pg_baton VERSION '0.1.0'"
-# Runs in flight under 0.1.0.
+"${old[@]}" -c "CREATE EXTENSION pg_baton VERSION '$from'"
+# Runs in flight under the old version.
 "${old[@]}" >/dev/null <<'SQL'
 SELECT baton.define_workflow('chain', '{"steps": [{"name": "a"}, {"name": "b", "after": ["a"]}]}');
 SELECT baton.define_workflow('flaky', '{"queue": "flaky", "steps": [{"name": "x", "max_attempts": 3,
@@ -43,7 +48,7 @@ CREATE TABLE failed AS
 SELECT c.step_id, c.lease_token, baton.fail_step(c.step_id, c.lease_token, 'boom') AS result
   FROM baton.claim_steps('old-worker', ARRAY['flaky']) c;
 SQL
-[ "$("${old[@]}" -At -c "SELECT result FROM failed")" = retrying ] || fail "the flaky step did not go to retrying under 0.1.0"
+[ "$("${old[@]}" -At -c "SELECT result FROM failed")" = retrying ] || fail "the flaky step did not go to retrying under $from"
 
 "${old[@]}" -c "ALTER EXTENSION pg_baton UPDATE"
 [ "$("${old[@]}" -At -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_baton'")" = "$current" ] \
@@ -130,4 +135,10 @@ done
 for db in baton_upgrade_old baton_upgrade_new; do
     "${PSQL[@]}" -d postgres -c "DROP DATABASE $db WITH (FORCE)"
 done
-echo "upgrade from 0.1.0 to $current passed"
+echo "upgrade from $from to $current passed"
+}
+
+for released in "$(dirname "$0")"/../sql/released/pg_baton--*.sql; do
+    version=${released##*--}
+    upgrade_from "${version%.sql}"
+done

@@ -34,6 +34,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     leaf_runs uuid[];
     repeated boolean;
+    to_start bigint[];
+    children uuid[];
+    id bigint;
 BEGIN
     IF _complete.step_ids IS NULL OR _complete.lease_tokens IS NULL THEN
         RAISE EXCEPTION '% must not be null', CASE WHEN _complete.step_ids IS NULL THEN 'step_ids' ELSE 'lease_tokens' END
@@ -77,17 +80,18 @@ BEGIN
         -- Downstream steps of the finished ones and how many of their upstream
         -- steps finished here. Read before they change: the run locks keep
         -- other transitions away from them.
-        SELECT n.run_id, n.step_no, n.step_id, n.queue, n.priority, n.run_at, n.timeout,
+        -- (A map step waits for its items while 'waiting': sql/map.sql.)
+        SELECT n.run_id, n.step_no, n.step_id, n.queue, n.priority, n.run_at, n.timeout, n.kind,
                x.finished, n.waiting_on = x.finished AS ready
           FROM (SELECT d.run_id, e.step_no, count(*) AS finished
                   FROM done d, unnest(d.downstream) AS e(step_no)
                  GROUP BY d.run_id, e.step_no) x
           JOIN baton.steps n ON n.run_id = x.run_id AND n.step_no = x.step_no
-         WHERE n.status = 'blocked'
+         WHERE n.status IN ('blocked', 'waiting')
     ), handoff AS (
         SELECT h.run_id, h.step_no
           FROM next h
-         WHERE h.ready AND h.queue = ANY (_complete.queues)
+         WHERE h.ready AND h.kind = 'task' AND h.queue = ANY (_complete.queues)
            AND NOT EXISTS (SELECT FROM baton.queues c
                             WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL))
            -- exactly the claim's order: no ready step of the worker's queues
@@ -107,7 +111,9 @@ BEGIN
     ), unblocked AS (
         UPDATE baton.steps n
            SET waiting_on = n.waiting_on - x.finished,
-               status = CASE WHEN NOT x.ready THEN 'blocked'
+               -- a step that no worker runs waits, and is started below
+               status = CASE WHEN NOT x.ready THEN n.status
+                             WHEN x.kind <> 'task' THEN 'waiting'
                              WHEN h.step_no IS NULL THEN 'ready'
                              ELSE 'running' END::baton.step_status,
                -- the lease of a handed-off step, as a claim gives it
@@ -123,14 +129,15 @@ BEGIN
         -- Workers serving the queue of a step that became ready hear of it
         -- (once per queue: PostgreSQL folds equal notifications of a
         -- transaction). RETURNING runs for every row, read or not.
-        RETURNING n.step_id, n.status,
+        RETURNING n.step_id, n.status, x.ready AND x.kind <> 'task' AS to_start,
                   CASE WHEN n.status = 'ready' THEN pg_notify('baton_ready', n.queue) END
     )
     SELECT array_agg(d.run_id ORDER BY q.n),
            array_agg(DISTINCT d.run_id) FILTER (WHERE d.downstream = '{}'),
            (SELECT array_agg(u.step_id) FROM unblocked u WHERE u.status = 'running'),
+           (SELECT array_agg(u.step_id ORDER BY u.step_id) FROM unblocked u WHERE u.to_start),
            count(DISTINCT q.step_id) <> count(q.step_id)
-      INTO runs, leaf_runs, handed, repeated
+      INTO runs, leaf_runs, handed, to_start, repeated
       FROM unnest(_complete.step_ids) WITH ORDINALITY AS q(step_id, n)
       LEFT JOIN done d ON d.step_id = q.step_id;
     -- Checked here, in the same pass over the input, not by a statement of
@@ -162,8 +169,23 @@ BEGIN
                                               WHERE o.run_id = x.id AND o.status <> 'succeeded') AS all_done
                       FROM unnest(leaf_runs) AS x(id) OFFSET 0) u
              WHERE r.id = u.id
-            RETURNING r.id, u.all_done)
-        SELECT array_agg(f.id) FILTER (WHERE f.all_done) INTO finished FROM f;
+            RETURNING r.id, u.all_done, r.parent_id)
+        SELECT array_agg(f.id) FILTER (WHERE f.all_done),
+               array_agg(f.id) FILTER (WHERE f.all_done AND f.parent_id IS NOT NULL)
+          INTO finished, children FROM f;
+        -- a child run that succeeded completes its parent's step (sql/child.sql)
+        IF children IS NOT NULL THEN
+            PERFORM baton._child_finished(c) FROM unnest(children) AS c;
+        END IF;
+    END IF;
+
+    -- Steps that no worker runs and that became runnable here start now
+    -- (sql/kinds.sql), after the runs above were settled: starting one may
+    -- complete it, and what follows it, at once.
+    IF to_start IS NOT NULL THEN
+        FOREACH id IN ARRAY to_start LOOP
+            PERFORM baton._activate(s.run_id, s.step_no) FROM baton.steps s WHERE s.step_id = id;
+        END LOOP;
     END IF;
 END $$;
 
@@ -220,7 +242,8 @@ CREATE FUNCTION complete_and_claim(
     lease interval DEFAULT '30 seconds'
 ) RETURNS TABLE(
     step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
-    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
+    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz,
+    map_index integer, map_item jsonb
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -290,7 +313,7 @@ BEGIN
                                             WHERE u.run_id = s.run_id AND u.step_no = a.step_no OFFSET 0) u), '{}'::jsonb),
            coalesce((SELECT jsonb_object_agg(k.key, k.value) FROM baton.checkpoints k
                       WHERE k.run_id = s.run_id AND k.step_id = s.step_id), '{}'::jsonb),
-           s.lease_expires_at
+           s.lease_expires_at, s.map_index, s.map_item
       FROM baton.steps s
       -- OFFSET 0 keeps this a probe of runs_pkey per leased step
       CROSS JOIN LATERAL (SELECT r.workflow, r.input FROM baton.runs r WHERE r.id = s.run_id OFFSET 0) r

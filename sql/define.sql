@@ -31,6 +31,7 @@ DECLARE
     initial interval;
     max interval;
     new_version integer;
+    cycle text;
 BEGIN
     PERFORM baton._require(name, 'name');
     PERFORM baton._require(definition, 'definition');
@@ -46,7 +47,44 @@ BEGIN
             RAISE EXCEPTION '%: field "backoff.initial" (%) is larger than "backoff.max" (%)',
                 whose, initial, max USING ERRCODE = 'invalid_parameter_value';
         END IF;
+        -- the fields of the step kinds (sql/kinds.sql)
+        PERFORM baton._definition_interval(step ->> 'sleep', whose, 'sleep');
+        IF step ? 'sleep_until' THEN
+            BEGIN
+                PERFORM (step ->> 'sleep_until')::jsonpath;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE EXCEPTION '%: field "sleep_until" is not a valid JSON path: "%" (for example "$.input.send_at")',
+                    whose, step ->> 'sleep_until' USING ERRCODE = 'invalid_parameter_value';
+            END;
+        END IF;
+        IF step ->> 'workflow' IS NOT NULL AND step ->> 'workflow' <> name  -- itself: the cycle below
+           AND NOT EXISTS (SELECT FROM baton.workflows w WHERE w.name = step ->> 'workflow') THEN
+            RAISE EXCEPTION '%: field "workflow" names unknown workflow "%"', whose, step ->> 'workflow'
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'Define the child workflow first.';
+        END IF;
     END LOOP;
+
+    -- Child workflows must not lead back to this one: every run of a
+    -- workflow starts every child step (there are no conditions), so a cycle
+    -- would start runs without end. Followed through the latest versions,
+    -- which new child runs use; each definition is checked, so they stay
+    -- acyclic.
+    WITH RECURSIVE reach(child, path) AS (
+        SELECT DISTINCT s ->> 'workflow', ARRAY[name]
+          FROM jsonb_array_elements(normalized -> 'steps') s WHERE s ? 'workflow'
+        UNION ALL
+        SELECT c ->> 'workflow', r.path || r.child
+          FROM reach r
+         CROSS JOIN LATERAL (SELECT w.definition FROM baton.workflows w WHERE w.name = r.child
+                              ORDER BY w.version DESC LIMIT 1) d
+         CROSS JOIN jsonb_array_elements(d.definition -> 'steps') c
+         WHERE c ? 'workflow' AND r.child <> name AND NOT r.child = ANY (r.path))
+    SELECT array_to_string(r.path || r.child, ' -> ') INTO cycle FROM reach r WHERE r.child = name LIMIT 1;
+    IF cycle IS NOT NULL THEN
+        RAISE EXCEPTION 'definition: field "workflow" makes a cycle of child workflows: % (each run would start another, without end)',
+            cycle USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM baton._definition_interval(normalized ->> 'timeout', 'definition', 'timeout');
 
     -- Versions are numbered per workflow; the lock makes concurrent definitions
     -- of one workflow take turns instead of failing on the primary key.

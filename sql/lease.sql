@@ -55,7 +55,9 @@ BEGIN
     IF retryable AND s.attempt < s.max_attempts THEN
         -- the run's own version of the definition: a new version never
         -- changes the backoff of runs already going
-        SELECT w.definition -> 'steps' -> s.step_no -> 'backoff' INTO policy
+        -- (a map item's policy is its map step's, its only downstream step)
+        SELECT w.definition -> 'steps' -> CASE WHEN s.map_index IS NULL THEN s.step_no ELSE s.downstream[1] END
+                 -> 'backoff' INTO policy
           FROM baton.runs r
           JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
          WHERE r.id = s.run_id;
@@ -75,20 +77,24 @@ BEGIN
         delay := least(delay * (1 + random() * 0.1), 315360000);
 
         -- with a delay it waits, scheduled, and the background worker makes
-        -- it ready (and tells workers) when it is due
+        -- it ready (and tells workers) when it is due, or starts it again
+        -- when no worker runs it (sql/kinds.sql)
         UPDATE baton.steps t
-           SET status = CASE WHEN delay > 0 THEN 'scheduled' ELSE 'ready' END::baton.step_status,
+           SET status = CASE WHEN delay > 0 OR s.kind <> 'task' THEN 'scheduled' ELSE 'ready' END::baton.step_status,
                run_at = now() + make_interval(secs => delay),
-               worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error
+               worker = NULL, lease_token = NULL, lease_expires_at = NULL, error = error, wait_for = NULL
          WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-        IF delay = 0 THEN
+        IF delay = 0 AND s.kind = 'task' THEN
             PERFORM pg_notify('baton_ready', s.queue);
+        ELSE
+            PERFORM baton._wake_scheduler(now() + make_interval(secs => delay));
         END IF;
         RETURN 'retrying';
     END IF;
 
     UPDATE baton.steps t
-       SET status = 'failed', finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = error
+       SET status = 'failed', finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = error,
+           wait_for = NULL
      WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
     PERFORM baton._finish_run(s.run_id, 'failed', format('step "%s" failed: %s', s.name, error), nowait);
     RETURN 'failed';
@@ -352,7 +358,8 @@ CREATE FUNCTION claim_steps(
     lease interval DEFAULT '30 seconds'
 ) RETURNS TABLE(
     step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer,
-    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz
+    input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamptz,
+    map_index integer, map_item jsonb
 )
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -451,5 +458,7 @@ BEGIN
     END IF;
     IF release_step.delay IS NULL THEN
         PERFORM pg_notify('baton_ready', ready_on);
+    ELSE
+        PERFORM baton._wake_scheduler(now() + release_step.delay);
     END IF;
 END $$;

@@ -19,13 +19,16 @@ ALTER FUNCTION complete_and_claim(bigint[], uuid[], jsonb[], text, text[], integ
     SET jit = off SET max_parallel_workers_per_gather = 0;
 ALTER FUNCTION claim_steps(text, text[], integer, interval) SET jit = off SET max_parallel_workers_per_gather = 0;
 ALTER FUNCTION fail_step(bigint, uuid, text, boolean) SET jit = off SET max_parallel_workers_per_gather = 0;
-ALTER FUNCTION enqueue_workflow(text, jsonb, text, text, integer, timestamptz)
+ALTER FUNCTION enqueue_workflow(text, jsonb, text, text, integer, timestamptz, timestamptz)
     SET jit = off SET max_parallel_workers_per_gather = 0;
-ALTER FUNCTION enqueue_workflows(text, jsonb[], text[], text, integer, timestamptz)
+ALTER FUNCTION enqueue_workflows(text, jsonb[], text[], text, integer, timestamptz, timestamptz)
     SET jit = off SET max_parallel_workers_per_gather = 0;
 ALTER FUNCTION cancel_workflow(uuid) SET jit = off SET max_parallel_workers_per_gather = 0;
+ALTER FUNCTION send_event(uuid, text, jsonb) SET jit = off SET max_parallel_workers_per_gather = 0;
+ALTER FUNCTION suspend_step(bigint, uuid, timestamptz, text, interval) SET jit = off SET max_parallel_workers_per_gather = 0;
 
 -- The background worker's round: the same, and it never waits long for a
 -- lock (its reclaim does not wait at all, see _reclaim_expired): a task that
 -- would is logged and skipped, and the next round tries again.
 ALTER FUNCTION _tick() SET jit = off SET max_parallel_workers_per_gather = 0 SET lock_timeout = '1s';
+ALTER FUNCTION _fire_timers() SET jit = off SET max_parallel_workers_per_gather = 0 SET lock_timeout = '1s';

@@ -15,7 +15,13 @@ CREATE TYPE run_status AS ENUM ('pending', 'running', 'succeeded', 'failed', 'ca
 -- scheduled: runnable once run_at passes (a delayed start, a retry's backoff,
 -- a delayed release); the background worker makes it ready then. Kept apart
 -- from ready so that claims never walk past steps that are not due yet.
-CREATE TYPE step_status AS ENUM ('blocked', 'scheduled', 'ready', 'running', 'succeeded', 'failed', 'cancelled');
+-- waiting: a step no worker holds that waits for time, an event, a child run
+-- or its map items (sql/kinds.sql), or a task step a worker suspended
+-- (suspend_step); run_at is when it fires by time ('infinity': never).
+CREATE TYPE step_status AS ENUM ('blocked', 'scheduled', 'ready', 'running', 'waiting', 'succeeded', 'failed', 'cancelled');
+-- What a step is (sql/kinds.sql): a task a worker runs (map items are tasks
+-- too), or one the database runs by itself.
+CREATE TYPE step_kind AS ENUM ('task', 'sleep', 'event', 'workflow', 'map');
 CREATE TYPE attempt_outcome AS ENUM ('succeeded', 'failed', 'lease_expired', 'timed_out', 'cancelled');
 
 -- Versions of a workflow definition (normalized JSON, see src/definition.rs).
@@ -50,6 +56,11 @@ CREATE TABLE runs (
     created_at       timestamptz NOT NULL DEFAULT now(),
     started_at       timestamptz,
     finished_at      timestamptz,
+    -- a child run (sql/child.sql): the run and step (step_no) that started it
+    parent_id        uuid,
+    parent_step_no   integer,
+    -- failed by the background worker when it passes (sql/timer.sql)
+    deadline         timestamptz,
     FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
 ) WITH (fillfactor = 80);
 
@@ -58,6 +69,10 @@ CREATE UNIQUE INDEX runs_idempotency_key ON runs (workflow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 -- Retention: finished runs, oldest first.
 CREATE INDEX runs_finished_at ON runs (finished_at) WHERE finished_at IS NOT NULL;
+-- Child runs of a run (cancelling a run cancels them).
+CREATE INDEX runs_parent ON runs (parent_id) WHERE parent_id IS NOT NULL;
+-- Unfinished runs with a deadline, soonest first (the background worker's timer).
+CREATE INDEX runs_deadline ON runs (deadline) WHERE deadline IS NOT NULL AND finished_at IS NULL;
 
 CREATE TABLE steps (
     run_id            uuid        NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
@@ -87,6 +102,14 @@ CREATE TABLE steps (
     error             text,
     started_at        timestamptz,
     finished_at       timestamptz,
+    kind              step_kind   NOT NULL DEFAULT 'task',
+    -- a map item (sql/map.sql): its element's position (0-based) and the
+    -- element. Its step_no comes after the definition's steps, and its only
+    -- downstream step is its map step.
+    map_index         integer,
+    map_item          jsonb,
+    -- the event a waiting step waits for (wait_event, suspend_step)
+    wait_for          text,
     PRIMARY KEY (run_id, step_no)
     -- The fencing invariant: a lease token exists exactly while the step runs.
     -- The protocol's lookups rely on it (step_id and token, no status test), so
@@ -110,6 +133,11 @@ CREATE INDEX steps_running ON steps (queue, lease_expires_at) WHERE status = 'ru
 -- Steps waiting for their time, soonest first: the background worker makes
 -- them ready when due.
 CREATE INDEX steps_scheduled ON steps (run_at) WHERE status = 'scheduled';
+-- Waiting steps: by the time they fire (sleeps, event timeouts, suspended
+-- steps), and by the event they wait for (send_event finds its step by probe,
+-- also in a run with 100,000 map items).
+CREATE INDEX steps_waiting ON steps (run_at) WHERE status = 'waiting';
+CREATE INDEX steps_waiting_for ON steps (run_id, wait_for) WHERE status = 'waiting' AND wait_for IS NOT NULL;
 
 ALTER TABLE steps SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE runs SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);

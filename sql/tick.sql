@@ -1,4 +1,5 @@
--- The background worker's round (src/worker.rs calls it once per baton.interval).
+-- The background worker's full round (src/worker.rs calls it once per
+-- baton.interval, and _fire_timers alone when a timer comes due between).
 -- Each task runs in its own subtransaction: one failing task is logged as a
 -- WARNING and does not stop the others. Returns what it did, as JSON.
 
@@ -7,7 +8,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     at timestamptz := clock_timestamp();
     reclaimed integer := 0;
-    woken integer := 0;
+    timers jsonb := '{}';
     pruned integer := 0;
     retention interval;
     batch integer := coalesce(current_setting('baton.reclaim_batch', true)::integer, 500);
@@ -21,32 +22,17 @@ BEGIN
         RAISE WARNING 'pg_baton: reclaiming expired leases failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    -- 2. Scheduled steps (a delayed start, a retry's backoff, a delayed
-    --    release) that came due become ready, soonest first, a bounded batch
-    --    a round; idle workers of their queues are told. A step another
-    --    transaction holds is skipped, not waited for: the next round takes it.
+    -- 2. Timers (sql/timer.sql): scheduled steps that came due, sleeps,
+    --    event timeouts, suspended steps, deadlines, signals, schedule ticks.
     BEGIN
-        WITH due AS MATERIALIZED (
-            SELECT d.ctid FROM baton.steps d
-             WHERE d.status = 'scheduled' AND d.run_at <= at
-             ORDER BY d.run_at
-             LIMIT batch
-               FOR UPDATE SKIP LOCKED
-        ), ready AS (
-            UPDATE baton.steps s SET status = 'ready'
-             WHERE s.ctid = ANY (ARRAY(SELECT d.ctid FROM due d))
-            RETURNING s.queue)
-        -- (a queue name too long for a NOTIFY payload, stored before names
-        -- were limited, would fail the whole statement: its workers poll)
-        SELECT count(*) INTO woken FROM (
-            SELECT pg_notify('baton_ready', r.queue)
-              FROM (SELECT DISTINCT queue FROM ready) r WHERE octet_length(r.queue) < 8000) n;
+        timers := baton._fire_timers();
     EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'pg_baton: making scheduled steps ready failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+        RAISE WARNING 'pg_baton: firing timers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
     -- 3. Retention: delete finished runs older than baton.retention (with their
-    --    steps, attempts and checkpoints), a bounded batch per round.
+    --    steps, attempts, checkpoints, events and signals), a bounded batch
+    --    per round.
     BEGIN
         retention := nullif(current_setting('baton.retention', true), '')::interval;
         IF retention IS NOT NULL THEN
@@ -57,7 +43,10 @@ BEGIN
                  LIMIT coalesce(current_setting('baton.prune_batch', true)::integer, 1000)
                    FOR UPDATE SKIP LOCKED),
             a AS (DELETE FROM baton.attempts x USING old WHERE x.run_id = old.id),
-            c AS (DELETE FROM baton.checkpoints x USING old WHERE x.run_id = old.id)
+            c AS (DELETE FROM baton.checkpoints x USING old WHERE x.run_id = old.id),
+            e AS (DELETE FROM baton.events x USING old WHERE x.run_id = old.id),
+            v AS (DELETE FROM baton.event_values x USING old WHERE x.run_id = old.id),
+            g AS (DELETE FROM baton.run_signals x USING old WHERE x.run_id = old.id)
             DELETE FROM baton.runs r USING old WHERE r.id = old.id;  -- steps cascade
             GET DIAGNOSTICS pruned = ROW_COUNT;
         END IF;
@@ -88,6 +77,6 @@ BEGIN
         RAISE WARNING 'pg_baton: checking the vacuum horizon failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    RETURN jsonb_build_object('at', at, 'reclaimed', reclaimed, 'woken', woken, 'pruned', pruned)
+    RETURN timers || jsonb_build_object('at', at, 'reclaimed', reclaimed, 'pruned', pruned)
         || CASE WHEN horizon IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('horizon', horizon) END;
 END $$;

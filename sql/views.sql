@@ -2,7 +2,10 @@
 
 CREATE VIEW workflow_runs AS
 SELECT r.id, r.workflow, r.version, r.status::text AS status, r.queue, r.priority, r.input, r.output, r.error,
-       r.idempotency_key, r.created_at, r.started_at, r.finished_at
+       r.idempotency_key, r.created_at, r.started_at, r.finished_at,
+       r.parent_id,
+       (SELECT p.name FROM baton.steps p WHERE p.run_id = r.parent_id AND p.step_no = r.parent_step_no) AS parent_step,
+       r.deadline
   FROM baton.runs r;
 
 CREATE VIEW workflow_steps AS
@@ -11,7 +14,9 @@ SELECT s.run_id AS workflow_id, s.name AS step, s.status::text AS status, s.atte
        s.step_id,
        ARRAY(SELECT u.name FROM baton.steps u
               WHERE u.run_id = s.run_id AND u.step_no = ANY (s.upstream) ORDER BY u.step_no) AS after,
-       s.priority
+       s.priority,
+       s.kind::text AS kind, s.map_index, s.wait_for,
+       CASE WHEN s.status = 'waiting' AND s.run_at < 'infinity' THEN s.run_at END AS wake_at
   FROM baton.steps s;
 
 -- Every attempt: those that did not succeed from the attempts table, and each
@@ -25,3 +30,9 @@ SELECT s.run_id, s.name, s.step_id, s.attempt, s.worker, s.started_at, s.finishe
        'succeeded', NULL
   FROM baton.steps s
  WHERE s.status = 'succeeded';
+
+-- Schedules (sql/schedule.sql): as schedule() took them, with their next
+-- tick and the last run they made.
+CREATE VIEW schedules AS
+SELECT c.name, c.cron, c.timezone, c.workflow, c.input, c.overlap, c.paused, c.next_run_at, c.last_run_at, c.last_run_id
+  FROM baton.schedule_entries c;

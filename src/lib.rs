@@ -2,13 +2,16 @@
 //!
 //! The SQL protocol (tables, claim/complete, retries) lives in `sql/*.sql` and is
 //! installed by `CREATE EXTENSION pg_baton`. Rust does what reads better in Rust:
-//! validating workflow definitions (`definition`) and the background worker that
-//! keeps time (`worker`, configured by `settings`).
+//! validating workflow definitions (`definition`), cron arithmetic (`cron`), and
+//! the background worker that keeps time (`worker`, configured by `settings`,
+//! woken by backends through `latch`).
 
 use pgrx::prelude::*;
 
+mod cron;
 mod definition;
 mod ids;
+mod latch;
 mod settings;
 mod worker;
 
@@ -34,7 +37,23 @@ extension_sql_file!(
     requires = ["lease"]
 );
 extension_sql_file!("../sql/queue.sql", name = "queue", requires = ["complete"]);
-extension_sql_file!("../sql/tick.sql", name = "tick", requires = ["queue"]);
+// Steps that no worker runs, events, child runs, map fan-out, timers, schedules.
+extension_sql_file!("../sql/kinds.sql", name = "kinds", requires = ["queue"]);
+extension_sql_file!("../sql/event.sql", name = "event", requires = ["kinds"]);
+extension_sql_file!("../sql/suspend.sql", name = "suspend", requires = ["event"]);
+extension_sql_file!("../sql/child.sql", name = "child", requires = ["suspend"]);
+extension_sql_file!("../sql/map.sql", name = "map", requires = ["child"]);
+extension_sql_file!(
+    "../sql/schedule.sql",
+    name = "schedule",
+    requires = ["map", cron::cron_next, cron::cron_prev]
+);
+extension_sql_file!(
+    "../sql/timer.sql",
+    name = "timer",
+    requires = ["schedule", latch::wake_scheduler]
+);
+extension_sql_file!("../sql/tick.sql", name = "tick", requires = ["timer"]);
 extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["tick"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 

@@ -1,9 +1,14 @@
 //! The background worker: one loop that keeps time for pg_baton.
 //!
-//! Each round is one short transaction that calls `baton._tick()`, which
-//! reclaims expired leases, wakes queues whose delayed steps came due and
-//! prunes old runs (see `sql/tick.sql`). No transaction stays open between rounds. The loop sleeps on
-//! its latch, so SIGTERM stops it at once and SIGHUP reloads `baton.interval`.
+//! Each round is one short transaction. Once per `baton.interval` it calls
+//! `baton._tick()`, which reclaims expired leases, fires timers and prunes
+//! old runs (see `sql/tick.sql`); between those it wakes only for the next
+//! timer (a sleep, a timeout, a deadline, a schedule tick, a delayed step)
+//! and calls `baton._fire_timers()`. It sleeps on its latch until the sooner
+//! of the two; a backend that adds a sooner timer sets the latch at commit
+//! (`latch`), so an idle database costs nothing more than one round an
+//! interval. No transaction stays open between rounds. SIGTERM stops it at
+//! once and SIGHUP reloads `baton.interval`.
 //! Errors inside a round are caught per task by the SQL; anything else ends the
 //! process with the error in the log and the postmaster restarts it.
 //!
@@ -13,13 +18,13 @@
 //! waits for it without a connection, and says so once in the log; then, in
 //! the database, it waits for `CREATE EXTENSION pg_baton`.
 
-use crate::settings;
+use crate::{latch, settings};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// When the last vacuum-horizon warning was logged (seconds since the epoch):
 /// it is logged at most once a minute, not once a round.
@@ -37,6 +42,7 @@ pub fn register() {
         return; // loaded by CREATE EXTENSION only: the SQL works, no scheduler
     }
     pg_shmem_init!(CONNECTING);
+    latch::init();
     BackgroundWorkerBuilder::new("pg_baton scheduler")
         .set_type("pg_baton scheduler")
         .set_function("baton_scheduler_main")
@@ -58,24 +64,46 @@ pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     CONNECTING.get().store(false, Ordering::Relaxed);
     log!("pg_baton scheduler started (database \"{database}\")");
+    latch::worker_is(unsafe { (*pg_sys::MyProc).pgprocno });
 
     let mut installed = true;
+    let mut sleep = interval();
+    let mut last_full = Instant::now();
     loop {
-        let wait = Duration::from_millis(settings::INTERVAL_MS.get().max(10) as u64);
-        if !BackgroundWorker::wait_latch(Some(wait)) {
+        if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let now_installed = BackgroundWorker::transaction(round);
-        if now_installed != installed {
-            installed = now_installed;
+        latch::worker_round_begins();
+        let full = last_full.elapsed() >= interval();
+        if full {
+            last_full = Instant::now();
+        }
+        let round = BackgroundWorker::transaction(|| round(full));
+        if round.installed != installed {
+            installed = round.installed;
             if !installed {
                 log!("pg_baton scheduler: extension not installed in \"{database}\"; waiting for CREATE EXTENSION pg_baton");
             }
         }
+        // Until the next full round or the next timer, whichever is first. A
+        // timer that is due but was skipped (its run busy with another
+        // transition) is tried again after a short pause, not in a spin.
+        sleep = interval().saturating_sub(last_full.elapsed());
+        if let Some(due) = round.next_due {
+            let floor = if round.skipped {
+                Duration::from_millis(10)
+            } else {
+                Duration::ZERO
+            };
+            sleep = sleep.min(due.max(floor));
+        }
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        latch::worker_sleeps_until(now.saturating_add(sleep.as_micros() as i64));
     }
+    latch::worker_is(-1);
     log!("pg_baton scheduler stopped");
     restart();
 }
@@ -120,16 +148,52 @@ fn wait_for_database(database: &str) -> ! {
     }
 }
 
-/// One round. Returns whether the extension is installed.
-fn round() -> bool {
-    let installed = Spi::get_one::<bool>("SELECT to_regproc('baton._tick') IS NOT NULL")
+fn interval() -> Duration {
+    Duration::from_millis(settings::INTERVAL_MS.get().max(10) as u64)
+}
+
+/// What a round found.
+struct Round {
+    installed: bool,
+    /// How long until the next timer, if there is one.
+    next_due: Option<Duration>,
+    /// A due timer was skipped because its run was busy.
+    skipped: bool,
+}
+
+/// One round: `_tick()` when `full`, else `_fire_timers()` (an extension
+/// older than 0.3.0 has only `_tick`).
+fn round(full: bool) -> Round {
+    let mut result = Round {
+        installed: false,
+        next_due: None,
+        skipped: false,
+    };
+    let timers = Spi::get_one::<bool>("SELECT to_regproc('baton._fire_timers') IS NOT NULL")
         .ok()
-        .flatten()
-        .unwrap_or(false);
+        .flatten();
+    let installed = timers.unwrap_or(false)
+        || Spi::get_one::<bool>("SELECT to_regproc('baton._tick') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false);
     if !installed {
-        return false;
+        return result;
     }
-    let report = Spi::get_one::<pgrx::JsonB>("SELECT baton._tick()");
+    result.installed = true;
+    let sql = if full || timers != Some(true) {
+        "SELECT baton._tick()"
+    } else {
+        "SELECT baton._fire_timers()"
+    };
+    let report = Spi::get_one::<pgrx::JsonB>(sql);
+    if let Ok(Some(pgrx::JsonB(report))) = &report {
+        result.next_due = report
+            .get("next_due_ms")
+            .and_then(|v| v.as_f64())
+            .map(|ms| Duration::from_micros((ms.max(0.0) * 1000.0) as u64));
+        result.skipped = report.get("skipped").and_then(|v| v.as_i64()).unwrap_or(0) > 0;
+    }
     match report {
         Ok(Some(pgrx::JsonB(report))) => {
             let reclaimed = report
@@ -152,14 +216,11 @@ fn round() -> bool {
             if woken > 0 {
                 debug1!("pg_baton scheduler: woke {woken} queue(s) with delayed steps now due");
             }
-            true
         }
-        Ok(None) => true,
-        Err(e) => {
-            warning!("pg_baton scheduler: round failed: {e}");
-            true
-        }
+        Ok(None) => {}
+        Err(e) => warning!("pg_baton scheduler: round failed: {e}"),
     }
+    result
 }
 
 /// A transaction has held back vacuum for longer than baton.horizon_warning

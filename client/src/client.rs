@@ -5,7 +5,8 @@ use crate::error::{Error, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, NoTls};
 use tracing::{info_span, Instrument};
 use uuid::Uuid;
@@ -20,13 +21,14 @@ pub struct Client {
 }
 
 /// Options of one enqueue; `Default` is: no key, the definition's queues,
-/// priority 0, start now.
+/// priority 0, start now, no deadline (but the definition's `timeout`).
 #[derive(Debug, Clone, Default)]
 pub struct EnqueueOptions {
     pub idempotency_key: Option<String>,
     pub queue: Option<String>,
     pub priority: i32,
     pub delay: Option<Duration>,
+    pub deadline: Option<SystemTime>,
 }
 
 impl EnqueueOptions {
@@ -44,6 +46,12 @@ impl EnqueueOptions {
     }
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+    /// The run must finish by `deadline`: past it the background worker fails
+    /// it (`deadline ... passed`) and cancels its unfinished steps.
+    pub fn deadline(mut self, deadline: SystemTime) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 }
@@ -200,6 +208,11 @@ impl Client {
     }
 }
 
+/// The call without its closing parenthesis (a deadline may follow).
+const ENQUEUE_SQL: &str =
+    "SELECT baton.enqueue_workflow($1, $2, idempotency_key => $3, queue => $4, priority => $5, \
+     run_at => now() + make_interval(secs => $6::float8)";
+
 /// Enqueue on any connection or transaction: inside the caller's own
 /// `tokio_postgres::Transaction`, the run starts if and only if it commits.
 pub async fn enqueue_in<C, I>(
@@ -216,13 +229,23 @@ where
     let delay = opts.delay.map(|d| d.as_secs_f64());
     let span = info_span!("baton.enqueue", workflow, run_id = tracing::field::Empty);
     async {
-        let row = conn
-            .query_one(
-                "SELECT baton.enqueue_workflow($1, $2, idempotency_key => $3, queue => $4, priority => $5, \
-                 run_at => now() + make_interval(secs => $6::float8))",
-                &[&workflow, &input, &opts.idempotency_key, &opts.queue, &opts.priority, &delay],
-            )
-            .await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &workflow,
+            &input,
+            &opts.idempotency_key,
+            &opts.queue,
+            &opts.priority,
+            &delay,
+        ];
+        // `deadline` came with pg_baton 0.3.0: named only when set.
+        let sql = match &opts.deadline {
+            None => format!("{ENQUEUE_SQL})"),
+            Some(deadline) => {
+                params.push(deadline);
+                format!("{ENQUEUE_SQL}, deadline => $7)")
+            }
+        };
+        let row = conn.query_one(&sql, &params).await?;
         let id: Uuid = row.get(0);
         tracing::Span::current().record("run_id", tracing::field::display(id));
         Ok(id)

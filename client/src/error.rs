@@ -38,6 +38,9 @@ pub enum Error {
     RunCancelled { run_id: Uuid },
     #[error("timed out waiting for run {run_id}")]
     Timeout { run_id: Uuid },
+    /// `Client::wait_event_value`: the key was not set in time.
+    #[error("timed out waiting for event {key:?} of run {run_id}")]
+    EventTimeout { run_id: Uuid, key: String },
 }
 
 impl Error {

@@ -24,11 +24,15 @@ mod client;
 mod context;
 mod definition;
 mod error;
+mod event;
 mod listen;
+mod schedule;
 mod worker;
 
 pub use client::{enqueue_in, Client, EnqueueOptions, RunInfo};
 pub use context::{StepContext, StepError};
 pub use definition::{Backoff, Step, WorkflowDef};
 pub use error::{Error, Result, LEASE_LOST};
+pub use event::send_event_in;
+pub use schedule::{Overlap, ScheduleInfo, ScheduleOptions};
 pub use worker::{Worker, WorkerBuilder};

@@ -17,6 +17,11 @@
 //! landed: while the handler runs, and after it, while its completion waits
 //! for a report or a report is retried. A report does not give up on a step
 //! while its lease may still be held (see `report`).
+//!
+//! A handler that suspended its step (`StepContext::sleep`, `wait_event`:
+//! `baton.suspend_step` gave the lease back) ends with
+//! `StepError::suspended()`: nothing is reported for it and its lease is no
+//! longer renewed; the step is claimed again when it is ready again.
 
 use crate::client::Client;
 use crate::context::{StepContext, StepError};
@@ -519,15 +524,16 @@ fn reserve(permits: &Arc<Semaphore>, max: usize) -> Option<OwnedSemaphorePermit>
     permits.clone().try_acquire_many_owned(free as u32).ok()
 }
 
-const REPORT_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
+const REPORT_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints, map_index, map_item \
      FROM baton.complete_and_claim($1, $2, $3, $4, $5, $6, make_interval(secs => $7))";
 
-const DURABLE_CLAIM_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints \
+const DURABLE_CLAIM_SQL: &str = "SELECT step_id, lease_token, workflow_id, workflow, step, attempt, input, upstream, checkpoints, map_index, map_item \
      FROM baton.claim_steps($1, $2, $3, make_interval(secs => $4))";
 
 /// `set_config(..., true)` lasts to the end of the statement's own transaction:
 /// the pooled connection keeps its durable default for everything else.
-const CLAIM_SQL: &str = "SELECT c.step_id, c.lease_token, c.workflow_id, c.workflow, c.step, c.attempt, c.input, c.upstream, c.checkpoints \
+const CLAIM_SQL: &str = "SELECT c.step_id, c.lease_token, c.workflow_id, c.workflow, c.step, c.attempt, c.input, c.upstream, c.checkpoints, \
+     c.map_index, c.map_item \
      FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async, \
           baton.claim_steps($1, $2, $3, make_interval(secs => $4)) AS c";
 
@@ -600,11 +606,12 @@ async fn report(w: &WorkerBuilder, done: Vec<Completion>, max: usize) -> Vec<Ste
             }
             Err(e) => {
                 let c = batch.pop().expect("one completion");
-                let failure = StepError {
-                    message: format!(
-                        "the step succeeded but its output could not be recorded: {e}"
-                    ),
-                    retryable: !e.is_data_error(),
+                let message =
+                    format!("the step succeeded but its output could not be recorded: {e}");
+                let failure = if e.is_data_error() {
+                    StepError::fatal(message)
+                } else {
+                    StepError::retryable(message)
                 };
                 warn!(worker = %w.name, step_id = c.step_id, error = %e, retryable = failure.retryable, "completion refused; failing the step");
                 record_failure(w, &c.lease, c.step_id, c.token, &failure).await;
@@ -708,6 +715,8 @@ fn contexts(w: &WorkerBuilder, rows: Vec<tokio_postgres::Row>) -> Vec<StepContex
                 r.get(6),
                 r.get(7),
                 r.get(8),
+                r.get(9),
+                r.get(10),
                 w.client.clone(),
             )
         })
@@ -732,6 +741,7 @@ async fn run_step(w: &Arc<WorkerBuilder>, ctx: StepContext) -> Option<Completion
     async {
         let (step_id, token) = (ctx.step_id, ctx.lease_token);
         let completed = ctx.completed_flag();
+        let suspended = ctx.suspended_flag();
         let mut lease = Lease::start(w, step_id, token);
         let Some(handler) = w.handlers.get(&(ctx.workflow.clone(), ctx.step.clone())).cloned() else {
             // Not a failure of the step: a worker with the handler (another
@@ -757,6 +767,16 @@ async fn run_step(w: &Arc<WorkerBuilder>, ctx: StepContext) -> Option<Completion
             _ = lease.lost() => Outcome::LeaseLost,
         };
         match outcome {
+            // The handler gave the lease back (`suspend_step`): nothing to
+            // record, and the lease (dropped here) is no longer renewed.
+            _ if suspended.load(Ordering::SeqCst) => {
+                debug!("step suspended");
+                None
+            }
+            Outcome::Done(Err(e)) if e.suspended => {
+                debug!("step suspended by its handler");
+                None
+            }
             Outcome::LeaseLost => {
                 warn!("lease lost while the step ran; its result is discarded");
                 None

@@ -11,13 +11,19 @@ SELECT f.name, p.proname IS NOT NULL AS exists,
        pg_get_function_result(p.oid) = f.returns AS returns_ok
   FROM (VALUES ('define_workflow', 'integer'),
                ('enqueue_workflow', 'uuid'),
-               ('claim_steps', 'TABLE(step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer, input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamp with time zone)'),
+               ('claim_steps', 'TABLE(step_id bigint, lease_token uuid, workflow_id uuid, workflow text, step text, attempt integer, input jsonb, upstream jsonb, checkpoints jsonb, lease_expires_at timestamp with time zone, map_index integer, map_item jsonb)'),
                ('complete_step', 'text'),
                ('fail_step', 'text'),
                ('heartbeat', 'timestamp with time zone'),
                ('checkpoint', 'void'),
                ('cancel_workflow', 'boolean'),
                ('configure_queue', 'void'),
+               ('send_event', 'boolean'),
+               ('set_event', 'void'),
+               ('get_event', 'jsonb'),
+               ('suspend_step', 'void'),
+               ('schedule', 'void'),
+               ('unschedule', 'boolean'),
                ('_tick', 'jsonb')) AS f(name, returns)
   LEFT JOIN pg_proc p ON p.proname = f.name AND p.pronamespace = 'baton'::regnamespace
  ORDER BY f.name;
@@ -92,3 +98,52 @@ LANGUAGE sql AS $$
       FROM baton.runs r WHERE r.status IN ('pending', 'running')
 $$;
 SELECT cancel_unfinished_runs();
+
+-- CALL wait_until(condition): evaluate a boolean SQL expression every 50 ms
+-- until it holds (ok: true) or `seconds` pass (ok: false), for the tests of
+-- time (sleeps, timeouts, deadlines). A procedure, so that each poll is a
+-- transaction of its own: it sees what the background worker commits
+-- meanwhile, and what it fires itself gets the time it fired (now()). When
+-- the worker serves another database (baton.database), the helper fires the
+-- due timers itself between polls, as the worker's round would
+-- (baton._fire_timers), so that the tests pass either way. (A timer fires
+-- when the clock passes its time, and what it does is stamped with now(),
+-- the start of its transaction, a little earlier: tests of elapsed times
+-- allow 20 ms.)
+CREATE PROCEDURE public.wait_until(condition text, seconds float8 DEFAULT 10, INOUT ok boolean DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+DECLARE
+    stop timestamptz := clock_timestamp() + make_interval(secs => seconds);
+    served boolean := current_setting('baton.database', true) IS NOT DISTINCT FROM current_database();
+BEGIN
+    LOOP
+        EXECUTE 'SELECT (' || condition || ')' INTO ok;
+        IF ok THEN
+            RETURN;
+        ELSIF clock_timestamp() > stop THEN
+            ok := false;
+            RETURN;
+        END IF;
+        PERFORM pg_sleep(0.05);
+        COMMIT;  -- now() is from here
+        IF NOT served THEN
+            PERFORM baton._fire_timers();
+        END IF;
+    END LOOP;
+END $$;
+
+-- run_status(run): the run's status, for wait_until conditions.
+CREATE FUNCTION public.run_status(run uuid) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT status::text FROM baton.runs WHERE id = run
+$$;
+
+-- step_status(run, step): the status of the run's step of that name (the
+-- step itself, not a map item).
+CREATE FUNCTION public.step_status(run uuid, step text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT status::text FROM baton.steps WHERE run_id = run AND name = step AND map_index IS NULL
+$$;
+
+CALL wait_until('true');
+CALL wait_until('false', 0.2);

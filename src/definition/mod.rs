@@ -5,14 +5,18 @@
 //! to fill in defaults, so that everything downstream reads one normalized form:
 //!
 //! ```json
-//! {"queue": "default", "steps": [{"name": "a", "after": [], "queue": "default",
-//!   "max_attempts": 3, "timeout": null,
+//! {"queue": "default", "timeout": null, "start": [], "steps": [{"name": "a", "after": [],
+//!   "queue": "default", "max_attempts": 3, "timeout": null, "kind": "task",
 //!   "backoff": {"initial": "1 second", "max": "1 hour", "multiplier": 2.0},
 //!   "upstream": [], "downstream": [1]}, ...]}
 //! ```
 //!
 //! `upstream` and `downstream` are the positions (0-based) of the step's direct
-//! neighbours in `steps`; a run's steps are keyed by that position.
+//! neighbours in `steps`; a run's steps are keyed by that position. `kind` and
+//! its fields are read by `kinds`; a map step also gets `source`, the position
+//! of the step it maps over. `start` lists the root steps that are not tasks:
+//! a new run starts them at once (`sql/kinds.sql`). Definitions stored before
+//! 0.3.0 have no `kind` and no `start`: all their steps are tasks.
 //!
 //! Interval texts are parsed by PostgreSQL itself in `sql/define.sql`; this
 //! module only checks they are strings. Every problem is an ERROR with SQLSTATE
@@ -23,12 +27,14 @@ use pgrx::JsonB;
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, VecDeque};
 
+mod kinds;
+
 const MAX_NAME_LEN: usize = 200;
 const MAX_STEPS: usize = 1000;
 const MAX_ATTEMPTS: i64 = 1000;
 const MAX_MULTIPLIER: f64 = 1000.0;
 
-const WORKFLOW_KEYS: &[&str] = &["steps", "queue", "description"];
+const WORKFLOW_KEYS: &[&str] = &["steps", "queue", "timeout", "description"];
 const STEP_KEYS: &[&str] = &[
     "name",
     "after",
@@ -123,7 +129,16 @@ fn normalize(workflow: &str, def: &Value) -> Result<Value, String> {
         if index.insert(name.clone(), i).is_some() {
             return Err(format!("{whose}: field \"name\" is a duplicate"));
         }
-        unknown_keys(s, STEP_KEYS, &whose)?;
+        if let Some(k) = s
+            .keys()
+            .find(|k| !STEP_KEYS.contains(&k.as_str()) && !kinds::KIND_KEYS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "{whose}: unknown field \"{k}\" (allowed: {}, {})",
+                STEP_KEYS.join(", "),
+                kinds::KIND_KEYS.join(", ")
+            ));
+        }
         out.push(normalize_step(&whose, &name, s, &default_queue)?);
     }
 
@@ -196,8 +211,28 @@ fn normalize(workflow: &str, def: &Value) -> Result<Value, String> {
             .collect();
         step["upstream"] = json!(upstream);
         step["downstream"] = json!(downstream[i]);
+        if let Some(source) = step.get("map").and_then(|m| m.as_str()) {
+            step["source"] = json!(index.get(source).copied());
+        }
     }
-    Ok(json!({ "queue": default_queue, "steps": out }))
+    let start: Vec<usize> = out
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            s["kind"] != "task" && s["upstream"].as_array().is_some_and(|u| u.is_empty())
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let timeout = match obj.get("timeout") {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::String(t)) => Value::String(t.clone()),
+        Some(_) => {
+            return Err(
+                "definition: field \"timeout\" must be an interval text such as \"1 hour\"".into(),
+            )
+        }
+    };
+    Ok(json!({ "queue": default_queue, "timeout": timeout, "start": start, "steps": out }))
 }
 
 fn normalize_step(
@@ -267,6 +302,7 @@ fn normalize_step(
     if let Some(Value::String(d)) = s.get("description") {
         step["description"] = Value::String(d.clone());
     }
+    kinds::normalize_kind(whose, s, &after, &mut step)?;
     Ok(step)
 }
 
