@@ -1095,7 +1095,8 @@ BEGIN
                lease_token = CASE WHEN h.step_no IS NOT NULL THEN gen_random_uuid() END,
                lease_expires_at = CASE WHEN h.step_no IS NOT NULL THEN
                                   clock_timestamp() + least(_complete.lease, coalesce(x.timeout, _complete.lease)) END,
-               started_at = CASE WHEN h.step_no IS NOT NULL THEN now() END
+               -- (a map step counting down its items keeps its start)
+               started_at = CASE WHEN h.step_no IS NOT NULL THEN now() ELSE n.started_at END
           FROM next x
           LEFT JOIN handoff h ON h.run_id = x.run_id AND h.step_no = x.step_no
          WHERE n.run_id = x.run_id AND n.step_no = x.step_no

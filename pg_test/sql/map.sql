@@ -47,7 +47,8 @@ SELECT count(*), status FROM baton.complete_steps(
     ARRAY(SELECT jsonb_build_object('sq', (map_item ->> 'n')::int ^ 2) FROM items WHERE map_index < 500 ORDER BY map_index DESC))
  GROUP BY status;
 SELECT status, jsonb_array_length(output) AS outputs,
-       output = (SELECT jsonb_agg(jsonb_build_object('sq', i * i) ORDER BY i) FROM generate_series(1, 1000) i) AS in_element_order
+       output = (SELECT jsonb_agg(jsonb_build_object('sq', i * i) ORDER BY i) FROM generate_series(1, 1000) i) AS in_element_order,
+       started_at <= finished_at AS kept_its_start  -- (counting down did not clear it)
   FROM baton.steps WHERE run_id = :'r' AND name = 'each' AND map_index IS NULL;
 -- What follows gets the array.
 SELECT step, jsonb_array_length(upstream -> 'each') AS outputs, upstream -> 'each' -> 0 AS first, upstream -> 'each' -> 999 AS last,
