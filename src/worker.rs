@@ -69,6 +69,7 @@ pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
     let mut installed = true;
     let mut sleep = interval();
     let mut last_full = Instant::now();
+    let mut skipping = 0u32; // rounds in a row that skipped a due timer
     loop {
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
@@ -90,13 +91,15 @@ pub extern "C-unwind" fn baton_scheduler_main(_arg: pg_sys::Datum) {
         }
         // Until the next full round or the next timer, whichever is first. A
         // timer that is due but was skipped (its run busy with another
-        // transition) is tried again after a short pause, not in a spin.
+        // transition) is tried again after a pause, not in a spin: 10 ms,
+        // doubling while rounds keep skipping (a transaction left open on
+        // the run), up to the interval.
+        skipping = if round.skipped { skipping + 1 } else { 0 };
         sleep = interval().saturating_sub(last_full.elapsed());
         if let Some(due) = round.next_due {
-            let floor = if round.skipped {
-                Duration::from_millis(10)
-            } else {
-                Duration::ZERO
+            let floor = match skipping {
+                0 => Duration::ZERO,
+                n => Duration::from_millis(10u64 << (n - 1).min(10)),
             };
             sleep = sleep.min(due.max(floor));
         }
