@@ -2,9 +2,10 @@
 -- until the soonest of them (_next_due), and a backend that adds a sooner one
 -- wakes it at commit (_wake_scheduler, src/latch.rs), so that a sleep, a
 -- timeout, a deadline or a schedule tick fires within milliseconds of its
--- time, not a whole baton.interval late. Each is fired in a short
--- transaction of its own under its run's lock; a run busy with another
--- transition is skipped (never waited for) and fired a moment later.
+-- time, not a whole baton.interval late. Each fires in a subtransaction of
+-- the worker's short round, under its run's lock, with the transition it
+-- causes; a run busy with another transition is skipped (never waited for)
+-- and fired a moment later.
 
 -- A waiting step's time came: a sleep ends, a wait for an event times out, a
 -- suspended step is ready again. The caller holds the run lock and the row.
