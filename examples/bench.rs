@@ -8,7 +8,8 @@
 //! same run. Workloads: W0 floor (one durable commit), W1 throughput, W2
 //! latency, W3 enqueue, W4 W1 with a big history, W5 wake-up, W6 W2 beside
 //! 100,000 healthy leases in another queue, W7 timer lateness (sleep steps
-//! fired by the background worker), W8 a map over 100,000 elements, soak;
+//! fired by the background worker), W8 a map over 100,000 elements (and
+//! W8_base, W1's shape with as many steps), soak;
 //! W1_py and W2_py are W1 and W2 run by the Python example worker.
 //!
 //!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N] [--repeat N] [--py-threads N]
@@ -228,6 +229,16 @@ async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
     let mut w8 = None;
     if o.runs("W8") {
         w8 = Some(map_fan_out(o, client).await);
+        // W1's shape with as many steps as W8 has items: a backlog as deep
+        let base = throughput_of(client, "W8_base", o.n(100_000, 2000).div_ceil(3)).await;
+        let w8 = w8.expect("just measured");
+        println!(
+            "INFO W8 map items per s {:.1} is {:.0}% of W8_base (W1's shape, {} steps) {:.1} steps per s",
+            w8.steps_per_s(),
+            100.0 * w8.steps_per_s() / base.steps_per_s(),
+            base.steps,
+            base.steps_per_s()
+        );
     }
     if o.runs("SOAK") {
         soak(o, client, admin).await;
@@ -658,10 +669,15 @@ async fn three_steps(
 
 /// W1 / W4: workflows of 3 sequential no-op steps, drained by one worker with concurrency 8.
 async fn throughput(o: &Opts, client: &Client, label: &str) -> Figure {
+    throughput_of(client, label, o.n(2000, 200)).await
+}
+
+/// W1's shape with `n` runs: W1, W4, and W8_base (as many steps as W8 has
+/// items).
+async fn throughput_of(client: &Client, label: &str, n: usize) -> Figure {
     let wf = "bench_w1";
     let done = Arc::new(AtomicUsize::new(0));
     let worker = three_steps(client, wf, format!("bench-{label}"), done.clone()).await;
-    let n = o.n(2000, 200);
     let warm = 50;
     let (wall, enqueue_per_s) = drain(
         client,
