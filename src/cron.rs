@@ -39,7 +39,17 @@ fn zone(timezone: &str) -> Tz {
     })
 }
 
+/// Times a schedule can be computed for: years 1 to 9999 (chrono's range is
+/// narrower than PostgreSQL's, and 'infinity' has no tick).
+const EARLIEST_S: f64 = -62_135_596_800.0;
+const LATEST_S: f64 = 253_402_300_799.0;
+
 fn at(epoch: f64) -> DateTime<Tz> {
+    if !(EARLIEST_S..=LATEST_S).contains(&epoch) {
+        fail(format!(
+            "time {epoch} (seconds since 1970) is out of range for a schedule (years 1 to 9999)"
+        ));
+    }
     let secs = epoch.floor();
     let nanos = ((epoch - secs) * 1e9).round().min(999_999_999.0) as u32;
     match Utc.timestamp_opt(secs as i64, nanos).single() {
@@ -78,7 +88,7 @@ fn ticks(c: &Cron, tz: Tz, from: i64) -> impl Iterator<Item = DateTime<Tz>> {
 fn cron_next(cron: &str, timezone: &str, after: f64) -> f64 {
     let (c, tz) = (parse(cron), zone(timezone));
     let after = after.floor() as i64;
-    match ticks(&c, tz, after - LOOKBACK_S).find(|t| t.timestamp() > after) {
+    match ticks(&c, tz, after.saturating_sub(LOOKBACK_S)).find(|t| t.timestamp() > after) {
         Some(t) => epoch(t),
         None => fail(format!("cron \"{cron}\" has no tick after that time")),
     }
@@ -94,7 +104,7 @@ fn cron_prev(cron: &str, timezone: &str, at_epoch: f64) -> Option<f64> {
     let near = c
         .find_previous_occurrence(&at(at_s as f64).with_timezone(&tz), true)
         .ok()?;
-    ticks(&c, tz, near.timestamp() - LOOKBACK_S)
+    ticks(&c, tz, near.timestamp().saturating_sub(LOOKBACK_S))
         .take_while(|t| t.timestamp() <= at_s)
         .last()
         .map(epoch)
