@@ -37,8 +37,7 @@ DECLARE
     wf baton.workflows;
     child uuid;
 BEGIN
-    PERFORM baton._begin_attempt(s, 'infinity');
-    SELECT * INTO s FROM baton.steps t WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
+    s := baton._begin_attempt(s, 'infinity');
     SELECT * INTO wf FROM baton.workflows w WHERE w.name = def ->> 'workflow' ORDER BY w.version DESC LIMIT 1;
     IF NOT FOUND THEN
         PERFORM baton._end_attempt(s, 'failed', format('child workflow "%s" is not defined', def ->> 'workflow'), false);

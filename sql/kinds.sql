@@ -10,6 +10,17 @@
 -- ('infinity': never), which the background worker keeps (sql/timer.sql).
 -- Every transition here runs under the run's lock, like all others.
 
+-- A step's entry in its run's own version of the definition (a new version
+-- never changes runs already going). A map item's is its map step's, its
+-- only downstream step (sql/map.sql).
+CREATE FUNCTION _step_definition(s baton.steps) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT w.definition -> 'steps' -> CASE WHEN s.map_index IS NULL THEN s.step_no ELSE s.downstream[1] END
+              FROM baton.runs r JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
+             WHERE r.id = s.run_id);
+END $$;
+
 -- Start a step that became runnable (status 'waiting', set by the caller:
 -- _complete, _start_roots, the background worker after a retry's backoff).
 -- The caller holds the run lock.
@@ -24,9 +35,7 @@ BEGIN
     IF NOT FOUND OR s.status <> 'waiting' OR s.kind = 'task' THEN
         RETURN;
     END IF;
-    SELECT w.definition -> 'steps' -> s.step_no INTO def
-      FROM baton.runs r JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
-     WHERE r.id = s.run_id;
+    def := baton._step_definition(s);
     CASE s.kind
         WHEN 'sleep' THEN PERFORM baton._start_sleep(s, def);
         WHEN 'event' THEN PERFORM baton._start_wait(s, def);
@@ -68,19 +77,21 @@ BEGIN
 END $$;
 
 -- An attempt of a step that no worker runs begins (and so its run, if it
--- had not).
-CREATE FUNCTION _begin_attempt(s baton.steps, wake_at timestamptz, wait_for text DEFAULT NULL) RETURNS void
+-- had not). Returns the step as it is now.
+CREATE FUNCTION _begin_attempt(s baton.steps, wake_at timestamptz, wait_for text DEFAULT NULL) RETURNS baton.steps
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE baton.steps t
        SET attempt = t.attempt + 1, started_at = now(), run_at = wake_at, wait_for = _begin_attempt.wait_for,
            worker = NULL, error = NULL
-     WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
+     WHERE t.run_id = s.run_id AND t.step_no = s.step_no
+    RETURNING * INTO s;
     -- the run is under way, as when a worker claims its first step
     UPDATE baton.runs r SET status = 'running', started_at = now() WHERE r.id = s.run_id AND r.status = 'pending';
     IF wake_at < 'infinity' THEN
         PERFORM baton._wake_scheduler(wake_at);
     END IF;
+    RETURN s;
 END $$;
 
 -- A sleep: "sleep" (an interval from now) or "sleep_until" (a JSON path to
@@ -105,9 +116,7 @@ BEGIN
             END;
         END IF;
         IF wake IS NULL OR wake = 'infinity' OR wake = '-infinity' THEN
-            PERFORM baton._begin_attempt(s, 'infinity');
-            SELECT * INTO s FROM baton.steps t WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-            PERFORM baton._end_attempt(s, 'failed',
+            PERFORM baton._end_attempt(baton._begin_attempt(s, 'infinity'), 'failed',
                 format('sleep_until: %s is %s, not a timestamp', def ->> 'sleep_until',
                        coalesce(found::text, 'missing')), false);
             RETURN;

@@ -53,14 +53,9 @@ BEGIN
     VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome::baton.attempt_outcome, error);
 
     IF retryable AND s.attempt < s.max_attempts THEN
-        -- the run's own version of the definition: a new version never
-        -- changes the backoff of runs already going
-        -- (a map item's policy is its map step's, its only downstream step)
-        SELECT w.definition -> 'steps' -> CASE WHEN s.map_index IS NULL THEN s.step_no ELSE s.downstream[1] END
-                 -> 'backoff' INTO policy
-          FROM baton.runs r
-          JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
-         WHERE r.id = s.run_id;
+        -- the run's own version of the definition (sql/kinds.sql): a new
+        -- version never changes the backoff of runs already going
+        policy := baton._step_definition(s) -> 'backoff';
         initial := extract(epoch FROM (policy ->> 'initial')::interval);
         cap := extract(epoch FROM (policy ->> 'max')::interval);
         multiplier := (policy ->> 'multiplier')::float8;

@@ -18,14 +18,14 @@ DECLARE
     base integer;
 BEGIN
     SELECT u.output INTO elements FROM baton.steps u WHERE u.run_id = s.run_id AND u.step_no = source;
-    PERFORM baton._begin_attempt(s, 'infinity');
     IF jsonb_typeof(elements) IS DISTINCT FROM 'array' THEN
-        SELECT * INTO s FROM baton.steps t WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-        PERFORM baton._end_attempt(s, 'failed',
+        PERFORM baton._end_attempt(baton._begin_attempt(s, 'infinity'), 'failed',
             format('map: the output of "%s" is %s, not a JSON array', def ->> 'map', coalesce(jsonb_typeof(elements), 'null')),
             false);
         RETURN;
     END IF;
+    -- (s keeps the step's run_at, the run's start, which the items take)
+    PERFORM baton._begin_attempt(s, 'infinity');
     n := jsonb_array_length(elements);
     IF n = 0 THEN
         PERFORM baton._succeed_step(s.run_id, s.step_no, '[]');

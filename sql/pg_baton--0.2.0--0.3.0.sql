@@ -611,14 +611,9 @@ BEGIN
     VALUES (s.run_id, s.step_id, s.attempt, s.name, s.worker, s.started_at, outcome::baton.attempt_outcome, error);
 
     IF retryable AND s.attempt < s.max_attempts THEN
-        -- the run's own version of the definition: a new version never
-        -- changes the backoff of runs already going
-        -- (a map item's policy is its map step's, its only downstream step)
-        SELECT w.definition -> 'steps' -> CASE WHEN s.map_index IS NULL THEN s.step_no ELSE s.downstream[1] END
-                 -> 'backoff' INTO policy
-          FROM baton.runs r
-          JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
-         WHERE r.id = s.run_id;
+        -- the run's own version of the definition (sql/kinds.sql): a new
+        -- version never changes the backoff of runs already going
+        policy := baton._step_definition(s) -> 'backoff';
         initial := extract(epoch FROM (policy ->> 'initial')::interval);
         cap := extract(epoch FROM (policy ->> 'max')::interval);
         multiplier := (policy ->> 'multiplier')::float8;
@@ -1343,6 +1338,15 @@ BEGIN
 END $$;
 
 -- sql/kinds.sql
+CREATE OR REPLACE FUNCTION _step_definition(s baton.steps) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT w.definition -> 'steps' -> CASE WHEN s.map_index IS NULL THEN s.step_no ELSE s.downstream[1] END
+              FROM baton.runs r JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
+             WHERE r.id = s.run_id);
+END $$;
+
+-- sql/kinds.sql
 CREATE OR REPLACE FUNCTION _activate(run_id uuid, step_no integer) RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
@@ -1354,9 +1358,7 @@ BEGIN
     IF NOT FOUND OR s.status <> 'waiting' OR s.kind = 'task' THEN
         RETURN;
     END IF;
-    SELECT w.definition -> 'steps' -> s.step_no INTO def
-      FROM baton.runs r JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
-     WHERE r.id = s.run_id;
+    def := baton._step_definition(s);
     CASE s.kind
         WHEN 'sleep' THEN PERFORM baton._start_sleep(s, def);
         WHEN 'event' THEN PERFORM baton._start_wait(s, def);
@@ -1395,18 +1397,20 @@ BEGIN
 END $$;
 
 -- sql/kinds.sql
-CREATE OR REPLACE FUNCTION _begin_attempt(s baton.steps, wake_at timestamptz, wait_for text DEFAULT NULL) RETURNS void
+CREATE OR REPLACE FUNCTION _begin_attempt(s baton.steps, wake_at timestamptz, wait_for text DEFAULT NULL) RETURNS baton.steps
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE baton.steps t
        SET attempt = t.attempt + 1, started_at = now(), run_at = wake_at, wait_for = _begin_attempt.wait_for,
            worker = NULL, error = NULL
-     WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
+     WHERE t.run_id = s.run_id AND t.step_no = s.step_no
+    RETURNING * INTO s;
     -- the run is under way, as when a worker claims its first step
     UPDATE baton.runs r SET status = 'running', started_at = now() WHERE r.id = s.run_id AND r.status = 'pending';
     IF wake_at < 'infinity' THEN
         PERFORM baton._wake_scheduler(wake_at);
     END IF;
+    RETURN s;
 END $$;
 
 -- sql/kinds.sql
@@ -1430,9 +1434,7 @@ BEGIN
             END;
         END IF;
         IF wake IS NULL OR wake = 'infinity' OR wake = '-infinity' THEN
-            PERFORM baton._begin_attempt(s, 'infinity');
-            SELECT * INTO s FROM baton.steps t WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-            PERFORM baton._end_attempt(s, 'failed',
+            PERFORM baton._end_attempt(baton._begin_attempt(s, 'infinity'), 'failed',
                 format('sleep_until: %s is %s, not a timestamp', def ->> 'sleep_until',
                        coalesce(found::text, 'missing')), false);
             RETURN;
@@ -1634,8 +1636,7 @@ DECLARE
     wf baton.workflows;
     child uuid;
 BEGIN
-    PERFORM baton._begin_attempt(s, 'infinity');
-    SELECT * INTO s FROM baton.steps t WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
+    s := baton._begin_attempt(s, 'infinity');
     SELECT * INTO wf FROM baton.workflows w WHERE w.name = def ->> 'workflow' ORDER BY w.version DESC LIMIT 1;
     IF NOT FOUND THEN
         PERFORM baton._end_attempt(s, 'failed', format('child workflow "%s" is not defined', def ->> 'workflow'), false);
@@ -1741,14 +1742,14 @@ DECLARE
     base integer;
 BEGIN
     SELECT u.output INTO elements FROM baton.steps u WHERE u.run_id = s.run_id AND u.step_no = source;
-    PERFORM baton._begin_attempt(s, 'infinity');
     IF jsonb_typeof(elements) IS DISTINCT FROM 'array' THEN
-        SELECT * INTO s FROM baton.steps t WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
-        PERFORM baton._end_attempt(s, 'failed',
+        PERFORM baton._end_attempt(baton._begin_attempt(s, 'infinity'), 'failed',
             format('map: the output of "%s" is %s, not a JSON array', def ->> 'map', coalesce(jsonb_typeof(elements), 'null')),
             false);
         RETURN;
     END IF;
+    -- (s keeps the step's run_at, the run's start, which the items take)
+    PERFORM baton._begin_attempt(s, 'infinity');
     n := jsonb_array_length(elements);
     IF n = 0 THEN
         PERFORM baton._succeed_step(s.run_id, s.step_no, '[]');
@@ -1877,9 +1878,7 @@ BEGIN
         WHEN 'sleep' THEN
             PERFORM baton._succeed_step(s.run_id, s.step_no, NULL);
         WHEN 'event' THEN
-            SELECT w.definition -> 'steps' -> s.step_no INTO def
-              FROM baton.runs r JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
-             WHERE r.id = s.run_id;
+            def := baton._step_definition(s);
             IF def ->> 'on_timeout' = 'continue' THEN
                 PERFORM baton._succeed_step(s.run_id, s.step_no, NULL);
             ELSE

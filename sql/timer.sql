@@ -18,9 +18,7 @@ BEGIN
         WHEN 'sleep' THEN
             PERFORM baton._succeed_step(s.run_id, s.step_no, NULL);
         WHEN 'event' THEN
-            SELECT w.definition -> 'steps' -> s.step_no INTO def
-              FROM baton.runs r JOIN baton.workflows w ON w.name = r.workflow AND w.version = r.version
-             WHERE r.id = s.run_id;
+            def := baton._step_definition(s);
             IF def ->> 'on_timeout' = 'continue' THEN
                 PERFORM baton._succeed_step(s.run_id, s.step_no, NULL);
             ELSE
