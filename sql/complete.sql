@@ -22,7 +22,8 @@ END $$;
 -- them next anyway: a chain moves on with one write per step instead of two
 -- (ready, then claimed), without a trip through the ready index. Only when no
 -- ready step of the worker's queues comes before it in the claim's order, and
--- not for a queue with a limit or paused (those are counted by claims).
+-- not for a queue with a limit, flow control or paused (those are counted by
+-- claims, sql/flow.sql).
 --
 -- Returns, in input order, each step's run (NULL: its lease was not held);
 -- the runs that finished; and the steps handed to the worker.
@@ -93,7 +94,8 @@ BEGIN
           FROM next h
          WHERE h.ready AND h.kind = 'task' AND h.queue = ANY (_complete.queues)
            AND NOT EXISTS (SELECT FROM baton.queues c
-                            WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL))
+                            WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL
+                                  OR c.rate_limit IS NOT NULL OR c.per_key_concurrency IS NOT NULL))
            -- exactly the claim's order: no ready step of the worker's queues
            -- comes before it (priority, then run_at, then step id). One probe
            -- of steps_ready per queue, as a correlated subquery so that no

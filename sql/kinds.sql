@@ -41,10 +41,12 @@ BEGIN
         WHEN 'event' THEN PERFORM baton._start_wait(s, def);
         WHEN 'workflow' THEN PERFORM baton._start_child(s, def);
         WHEN 'map' THEN
-            IF s.attempt = 0 THEN
-                PERFORM baton._start_map(s, def);
-            ELSE
+            -- (items come after the definition's steps: the probe is short)
+            IF EXISTS (SELECT FROM baton.steps i WHERE i.run_id = s.run_id AND i.map_index IS NOT NULL
+                                                   AND i.downstream = ARRAY[s.step_no]) THEN
                 PERFORM baton._finish_map(s);  -- its items are done
+            ELSE
+                PERFORM baton._start_map(s, def);
             END IF;
     END CASE;
 END $$;

@@ -1,37 +1,5 @@
 -- Leases: claim_steps, heartbeat, checkpoint, and reclaiming expired leases.
 
--- Slots each queue can hand out now: 0 for a paused queue, the free part of its
--- concurrency limit for a limited one, max_steps otherwise. A limited queue is
--- counted under an advisory lock held to the end of the claiming transaction,
--- so two workers cannot both take its last slot. Locks are taken in name order.
-CREATE FUNCTION _queue_slots(queues text[], max_steps integer)
-RETURNS TABLE(queue text, slots integer)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    q record;
-    running integer;
-BEGIN
-    FOR q IN
-        SELECT n.name, c.concurrency, coalesce(c.paused, false) AS paused
-          FROM (SELECT DISTINCT unnest(queues) AS name) n
-          LEFT JOIN baton.queues c ON c.name = n.name
-         WHERE n.name IS NOT NULL
-         ORDER BY n.name
-    LOOP
-        CONTINUE WHEN q.paused;
-        IF q.concurrency IS NULL THEN
-            queue := q.name; slots := max_steps; RETURN NEXT;
-            CONTINUE;
-        END IF;
-        PERFORM pg_advisory_xact_lock(1651797602, hashtext(q.name));
-        SELECT count(*) INTO running FROM baton.steps s WHERE s.status = 'running' AND s.queue = q.name;
-        IF q.concurrency - running > 0 THEN
-            queue := q.name; slots := least(max_steps, q.concurrency - running); RETURN NEXT;
-        END IF;
-    END LOOP;
-END $$;
-
 -- End the current attempt of a leased step: record it, then retry after the
 -- backoff or, when attempts are used up or the error is final, fail the step
 -- and its run. A lost lease (backoff => false) is retried at once: the worker
@@ -201,70 +169,29 @@ END $$;
 -- The claim, for complete_and_claim (and so claim_steps): lease up to `want`
 -- ready steps of the given queues, highest priority first, then oldest.
 -- Returns their step ids. The caller checked the arguments and set the
--- planner settings (see the end of complete.sql).
+-- planner settings (see the end of complete.sql). Queues with settings
+-- (paused, limited, flow control) are claimed by _claim_flow (sql/flow.sql).
 CREATE FUNCTION _claim(worker text, queues text[], want integer, lease interval) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     qnames text[];
-    qslots integer[];
     claimed_now bigint[];
     leased bigint[] := '{}';
 BEGIN
     FOR pass IN 1 .. 2 LOOP
         IF EXISTS (SELECT 1 FROM baton.queues c
-                    WHERE c.name = ANY (_claim.queues) AND (c.paused OR c.concurrency IS NOT NULL)) THEN
-            SELECT array_agg(q.queue), array_agg(q.slots) INTO qnames, qslots
-              FROM baton._queue_slots(_claim.queues, want) q;
+                    WHERE c.name = ANY (_claim.queues)
+                      AND (c.paused OR c.concurrency IS NOT NULL OR c.rate_limit IS NOT NULL
+                           OR c.per_key_concurrency IS NOT NULL)) THEN
+            claimed_now := baton._claim_flow(_claim.worker, _claim.queues, want, _claim.lease);
         ELSIF cardinality(_claim.queues) = 1 THEN
             -- one queue, not limited or paused: the common case, no locks
-            qnames := _claim.queues;
-            qslots := ARRAY[want];
+            claimed_now := baton._claim_one(_claim.worker, _claim.queues[1], want, _claim.lease);
         ELSE
             qnames := ARRAY(SELECT DISTINCT q FROM unnest(_claim.queues) q WHERE q IS NOT NULL);
-            qslots := array_fill(want, ARRAY[cardinality(qnames)]);
-        END IF;
-        EXIT WHEN qnames IS NULL;  -- every queue is paused or at its limit
-        IF cardinality(qnames) > 1 THEN
-            claimed_now := baton._claim_many(_claim.worker, qnames, qslots, want, _claim.lease);
-        ELSE
-        -- One queue: an ordered scan of steps_ready that locks what it takes,
-        -- skipping rows other claimers hold.
-        WITH candidates AS MATERIALIZED (
-            SELECT r.ctid
-              FROM baton.steps r
-             WHERE r.status = 'ready' AND r.queue = qnames[1]
-             ORDER BY r.priority DESC, r.run_at, r.step_id
-             LIMIT least(qslots[1], want)
-               FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            UPDATE baton.steps s
-               SET status = 'running',
-                   attempt = s.attempt + 1,
-                   worker = _claim.worker,
-                   lease_token = gen_random_uuid(),
-                   -- from the clock, not now(): a claim inside a long
-                   -- transaction still gets its whole lease
-                   lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim.lease
-                                                               ELSE least(_claim.lease, s.timeout) END,
-                   started_at = now()
-             -- The plan must not depend on how many steps are ready (a generic
-             -- plan cannot know): every lookup below is written as a probe by
-             -- key, never a join the planner could turn into a scan. Here, the
-             -- locked rows by ctid: a TID scan. No status test: a candidate
-             -- was ready in this statement's snapshot and is locked by us, so
-             -- nobody changed it since; a newer version that the lock found
-             -- (changed after our snapshot) is invisible to the TID scan and
-             -- skipped. A status test would let the planner walk steps_ready
-             -- instead, which statistics taken before a backlog arrived make
-             -- look empty.
-             WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c))
-            RETURNING s.step_id, s.run_id
-        ), started AS (
-            UPDATE baton.runs r SET status = 'running', started_at = now()
-             WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
-        )
-        SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
+            claimed_now := baton._claim_many(_claim.worker, qnames, array_fill(want, ARRAY[cardinality(qnames)]),
+                                             want, _claim.lease);
         END IF;
         leased := leased || claimed_now;
         want := want - coalesce(cardinality(claimed_now), 0);
@@ -276,6 +203,52 @@ BEGIN
         EXIT WHEN baton._reclaim_expired(_claim.queues, 100, false) = 0;
     END LOOP;
     RETURN leased;
+END $$;
+
+-- Lease up to `want` ready steps of one queue: an ordered scan of
+-- steps_ready that locks what it takes, skipping rows other claimers hold.
+CREATE FUNCTION _claim_one(worker text, queue text, want integer, lease interval) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    claimed_now bigint[];
+BEGIN
+    WITH candidates AS MATERIALIZED (
+        SELECT r.ctid
+          FROM baton.steps r
+         WHERE r.status = 'ready' AND r.queue = _claim_one.queue
+         ORDER BY r.priority DESC, r.run_at, r.step_id
+         LIMIT _claim_one.want
+           FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE baton.steps s
+           SET status = 'running',
+               attempt = s.attempt + 1,
+               worker = _claim_one.worker,
+               lease_token = gen_random_uuid(),
+               -- from the clock, not now(): a claim inside a long
+               -- transaction still gets its whole lease
+               lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_one.lease
+                                                           ELSE least(_claim_one.lease, s.timeout) END,
+               started_at = now()
+         -- The plan must not depend on how many steps are ready (a generic
+         -- plan cannot know): every lookup below is written as a probe by
+         -- key, never a join the planner could turn into a scan. Here, the
+         -- locked rows by ctid: a TID scan. No status test: a candidate
+         -- was ready in this statement's snapshot and is locked by us, so
+         -- nobody changed it since; a newer version that the lock found
+         -- (changed after our snapshot) is invisible to the TID scan and
+         -- skipped. A status test would let the planner walk steps_ready
+         -- instead, which statistics taken before a backlog arrived make
+         -- look empty.
+         WHERE s.ctid = ANY (ARRAY(SELECT c.ctid FROM candidates c))
+        RETURNING s.step_id, s.run_id
+    ), started AS (
+        UPDATE baton.runs r SET status = 'running', started_at = now()
+         WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
+    )
+    SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
+    RETURN claimed_now;
 END $$;
 
 -- A claim over several queues (qnames, with the slots each can give): the

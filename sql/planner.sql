@@ -32,3 +32,7 @@ ALTER FUNCTION suspend_step(bigint, uuid, timestamptz, text, interval) SET jit =
 -- would is logged and skipped, and the next round tries again.
 ALTER FUNCTION _tick() SET jit = off SET max_parallel_workers_per_gather = 0 SET lock_timeout = '1s';
 ALTER FUNCTION _fire_timers() SET jit = off SET max_parallel_workers_per_gather = 0 SET lock_timeout = '1s';
+
+-- Statistics read only the live part of steps and a recent range of
+-- steps_finished (sql/stats.sql), whatever the statistics say.
+ALTER FUNCTION _queue_stats() SET enable_seqscan = off SET jit = off SET max_parallel_workers_per_gather = 0;

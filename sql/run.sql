@@ -299,5 +299,6 @@ BEGIN
         RETURN false;  -- already finished: nothing to cancel
     END IF;
     PERFORM baton._finish_run(id, 'cancelled', NULL);
+    PERFORM baton._log(id, 'cancelled', NULL, jsonb_build_object('was', current));
     RETURN true;
 END $$;

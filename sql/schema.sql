@@ -33,12 +33,19 @@ CREATE TABLE workflows (
     PRIMARY KEY (name, version)
 );
 
--- Queue settings. A queue with no row here is open and unlimited.
+-- Queue settings. A queue with no row here is open and unlimited. Flow
+-- control (sql/flow.sql): at most rate_limit claims per rate_period, and at
+-- most per_key_concurrency running steps per value of concurrency_key (a
+-- JSON path into the run's input).
 CREATE TABLE queues (
-    name         text        PRIMARY KEY,
-    concurrency  integer     CHECK (concurrency IS NULL OR concurrency >= 0),
-    paused       boolean     NOT NULL DEFAULT false,
-    updated_at   timestamptz NOT NULL DEFAULT now()
+    name                 text        PRIMARY KEY,
+    concurrency          integer     CHECK (concurrency IS NULL OR concurrency >= 0),
+    paused               boolean     NOT NULL DEFAULT false,
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    rate_limit           integer     CHECK (rate_limit IS NULL OR rate_limit >= 1),
+    rate_period          interval,
+    concurrency_key      jsonpath,
+    per_key_concurrency  integer     CHECK (per_key_concurrency IS NULL OR per_key_concurrency >= 1)
 );
 
 CREATE TABLE runs (
@@ -61,6 +68,8 @@ CREATE TABLE runs (
     parent_step_no   integer,
     -- failed by the background worker when it passes (sql/timer.sql)
     deadline         timestamptz,
+    -- a fork (sql/operation.sql): the run it was forked from
+    forked_from      uuid,
     FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
 ) WITH (fillfactor = 80);
 
@@ -73,6 +82,8 @@ CREATE INDEX runs_finished_at ON runs (finished_at) WHERE finished_at IS NOT NUL
 CREATE INDEX runs_parent ON runs (parent_id) WHERE parent_id IS NOT NULL;
 -- Unfinished runs with a deadline, soonest first (the background worker's timer).
 CREATE INDEX runs_deadline ON runs (deadline) WHERE deadline IS NOT NULL AND finished_at IS NULL;
+-- Unfinished runs per workflow version (the workflow_definitions view).
+CREATE INDEX runs_unfinished ON runs (workflow, version) WHERE finished_at IS NULL;
 
 CREATE TABLE steps (
     run_id            uuid        NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
@@ -110,6 +121,9 @@ CREATE TABLE steps (
     map_item          jsonb,
     -- the event a waiting step waits for (wait_event, suspend_step)
     wait_for          text,
+    -- its run's value of its queue's concurrency_key, set when it is claimed
+    -- from a queue that has one (sql/flow.sql)
+    flow_key          text,
     PRIMARY KEY (run_id, step_no)
     -- The fencing invariant: a lease token exists exactly while the step runs.
     -- The protocol's lookups rely on it (step_id and token, no status test), so
@@ -138,6 +152,12 @@ CREATE INDEX steps_scheduled ON steps (run_at) WHERE status = 'scheduled';
 -- also in a run with 100,000 map items).
 CREATE INDEX steps_waiting ON steps (run_at) WHERE status = 'waiting';
 CREATE INDEX steps_waiting_for ON steps (run_id, wait_for) WHERE status = 'waiting' AND wait_for IS NOT NULL;
+-- Running steps per key of a queue's concurrency_key (sql/flow.sql): a
+-- per-key limit is a probe, not a count of the queue's leases.
+CREATE INDEX steps_flow ON steps (queue, flow_key) WHERE status = 'running' AND flow_key IS NOT NULL;
+-- Finished steps per queue, newest last: queue_stats counts the last
+-- minute's and hour's by a range of this index, never the whole history.
+CREATE INDEX steps_finished ON steps (queue, status, finished_at) WHERE finished_at IS NOT NULL;
 
 ALTER TABLE steps SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE runs SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);

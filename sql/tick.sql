@@ -31,24 +31,15 @@ BEGIN
     END;
 
     -- 3. Retention: delete finished runs older than baton.retention (with their
-    --    steps, attempts, checkpoints, events and signals), a bounded batch
-    --    per round.
+    --    steps, attempts, checkpoints, events, signals and log), a bounded
+    --    batch per round.
     BEGIN
         retention := nullif(current_setting('baton.retention', true), '')::interval;
         IF retention IS NOT NULL THEN
-            WITH old AS MATERIALIZED (
-                SELECT r.id FROM baton.runs r
-                 WHERE r.finished_at < at - retention
-                 ORDER BY r.finished_at
-                 LIMIT coalesce(current_setting('baton.prune_batch', true)::integer, 1000)
-                   FOR UPDATE SKIP LOCKED),
-            a AS (DELETE FROM baton.attempts x USING old WHERE x.run_id = old.id),
-            c AS (DELETE FROM baton.checkpoints x USING old WHERE x.run_id = old.id),
-            e AS (DELETE FROM baton.events x USING old WHERE x.run_id = old.id),
-            v AS (DELETE FROM baton.event_values x USING old WHERE x.run_id = old.id),
-            g AS (DELETE FROM baton.run_signals x USING old WHERE x.run_id = old.id)
-            DELETE FROM baton.runs r USING old WHERE r.id = old.id;  -- steps cascade
-            GET DIAGNOSTICS pruned = ROW_COUNT;
+            -- (sql/operation.sql: never waits for a run another transaction holds)
+            pruned := (baton._purge_batch(at - retention,
+                                          coalesce(current_setting('baton.prune_batch', true)::integer, 1000),
+                                          '{}')).deleted;
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: pruning old runs failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;

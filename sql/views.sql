@@ -5,7 +5,8 @@ SELECT r.id, r.workflow, r.version, r.status::text AS status, r.queue, r.priorit
        r.idempotency_key, r.created_at, r.started_at, r.finished_at,
        r.parent_id,
        (SELECT p.name FROM baton.steps p WHERE p.run_id = r.parent_id AND p.step_no = r.parent_step_no) AS parent_step,
-       r.deadline
+       r.deadline,
+       r.forked_from
   FROM baton.runs r;
 
 CREATE VIEW workflow_steps AS
@@ -20,7 +21,9 @@ SELECT s.run_id AS workflow_id, s.name AS step, s.status::text AS status, s.atte
   FROM baton.steps s;
 
 -- Every attempt: those that did not succeed from the attempts table, and each
--- succeeded step's last attempt from the step itself (see schema.sql).
+-- succeeded step's last attempt from the step itself (see schema.sql). A
+-- step a fork copied (attempt 0) made no attempt in its run. The successes
+-- of steps run again (retry_from) are in the attempts table.
 CREATE VIEW step_attempts AS
 SELECT a.run_id AS workflow_id, a.step, a.step_id, a.attempt, a.worker, a.started_at, a.finished_at,
        a.outcome::text AS outcome, a.error
@@ -29,10 +32,28 @@ UNION ALL
 SELECT s.run_id, s.name, s.step_id, s.attempt, s.worker, s.started_at, s.finished_at,
        'succeeded', NULL
   FROM baton.steps s
- WHERE s.status = 'succeeded';
+ WHERE s.status = 'succeeded' AND s.attempt > 0;
 
 -- Schedules (sql/schedule.sql): as schedule() took them, with their next
 -- tick and the last run they made.
 CREATE VIEW schedules AS
 SELECT c.name, c.cron, c.timezone, c.workflow, c.input, c.overlap, c.paused, c.next_run_at, c.last_run_at, c.last_run_id
   FROM baton.schedule_entries c;
+
+-- Every version of every workflow, with how many of its runs are not
+-- finished: a run finishes on the version it started with (sql/operation.sql).
+CREATE VIEW workflow_definitions AS
+SELECT w.name, w.version, w.definition, w.created_at,
+       (SELECT count(*) FROM baton.runs r
+         WHERE r.workflow = w.name AND r.version = w.version AND r.finished_at IS NULL) AS unfinished_runs,
+       w.version = max(w.version) OVER (PARTITION BY w.name) AS latest
+  FROM baton.workflows w;
+
+-- What operations did to runs (sql/operation.sql), oldest first per run.
+CREATE VIEW workflow_log AS
+SELECT l.run_id AS workflow_id, l.seq, l.at, l.action, l.step, l.detail, l.actor
+  FROM baton.run_log l;
+
+-- Per queue: its backlog, recent outcomes and settings (sql/stats.sql).
+CREATE VIEW queue_stats AS
+SELECT * FROM baton._queue_stats();

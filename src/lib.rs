@@ -4,7 +4,8 @@
 //! installed by `CREATE EXTENSION pg_baton`. Rust does what reads better in Rust:
 //! validating workflow definitions (`definition`), cron arithmetic (`cron`), and
 //! the background worker that keeps time (`worker`, configured by `settings`,
-//! woken by backends through `latch`).
+//! woken by backends through `latch`), and the rate limits' windows in shared
+//! memory (`rate`).
 
 use pgrx::prelude::*;
 
@@ -12,6 +13,7 @@ mod cron;
 mod definition;
 mod ids;
 mod latch;
+mod rate;
 mod settings;
 mod worker;
 
@@ -54,7 +56,16 @@ extension_sql_file!(
     requires = ["schedule", latch::wake_scheduler]
 );
 extension_sql_file!("../sql/tick.sql", name = "tick", requires = ["timer"]);
-extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["tick"]);
+// Operating runs: flow control, run operations, statistics and the run's graph.
+extension_sql_file!(
+    "../sql/flow.sql",
+    name = "flow",
+    requires = ["tick", rate::rate_take, rate::rate_give_back, rate::rate_used]
+);
+extension_sql_file!("../sql/operation.sql", name = "operation", requires = ["flow"]);
+extension_sql_file!("../sql/stats.sql", name = "stats", requires = ["operation"]);
+extension_sql_file!("../sql/graph.sql", name = "graph", requires = ["stats"]);
+extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["graph"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 #[pg_guard]

@@ -18,7 +18,7 @@
 //! waits for it without a connection, and says so once in the log; then, in
 //! the database, it waits for `CREATE EXTENSION pg_baton`.
 
-use crate::{latch, settings};
+use crate::{latch, rate, settings};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
@@ -43,6 +43,7 @@ pub fn register() {
     }
     pg_shmem_init!(CONNECTING);
     latch::init();
+    rate::init();
     BackgroundWorkerBuilder::new("pg_baton scheduler")
         .set_type("pg_baton scheduler")
         .set_function("baton_scheduler_main")
