@@ -17,6 +17,39 @@
 -- Steps of such queues are never handed off by _complete: every one is
 -- claimed here, and counted.
 
+-- The key of a run's input for a queue's concurrency_key: its value at the
+-- path as text, '' when there is none (or JSON null): such a run is not
+-- limited.
+CREATE FUNCTION _flow_key(input jsonb, key_path jsonpath) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN coalesce(jsonb_path_query_first(input, key_path) #>> '{}', '');
+END $$;
+
+-- The keys of new steps (of the runs `run_ids`) in queues with a per-key
+-- limit, from their runs' input.
+CREATE FUNCTION _set_flow_keys(run_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE baton.steps s
+       SET flow_key = baton._flow_key(r.input, c.concurrency_key)
+      FROM baton.runs r, baton.queues c
+     WHERE s.run_id = ANY (run_ids) AND r.id = s.run_id AND c.name = s.queue AND c.concurrency_key IS NOT NULL;
+END $$;
+
+-- A queue's concurrency_key changed: its steps that no worker holds get the
+-- new key (or none). A running step keeps the key it was claimed under, and
+-- counts under it, until it ends.
+CREATE FUNCTION _rekey_queue(queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE baton.steps s
+       SET flow_key = (SELECT CASE WHEN c.concurrency_key IS NOT NULL THEN baton._flow_key(r.input, c.concurrency_key) END
+                         FROM baton.runs r LEFT JOIN baton.queues c ON c.name = s.queue
+                        WHERE r.id = s.run_id)
+     WHERE s.queue = _rekey_queue.queue AND s.status IN ('blocked', 'scheduled', 'ready', 'waiting');
+END $$;
+
 -- Lease up to `want` ready steps of `queues`, at least one of which has
 -- settings. Queues without a per-key limit are claimed together in the
 -- claim's order (_claim_one, _claim_many); those with one after, each in turn.
@@ -100,49 +133,76 @@ END $$;
 -- claim's order, passing over the steps of keys at their limit. A key is
 -- counted once per claim, under its own advisory lock (tried, never waited
 -- for: a key that another claim is admitting right now is passed over), so
--- two claims can never both admit the last step of one key. A run whose
--- input has no value at the key is not limited.
+-- two claims can never both admit the last step of one key. A run without a
+-- key ('') is not limited.
+--
+-- The walk in the claim's order passes at most 200 steps of keys at their
+-- limit; past them (one tenant's deep backlog at the head), it goes on key by
+-- key (steps_ready_keyed: one probe per key with ready steps), in key order.
 CREATE FUNCTION _claim_keyed(worker text, queue text, want integer, lease interval, key_path jsonpath,
                              per_key integer) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     c record;
+    key text;
     chosen tid[] := '{}';
     seen text[] := '{}';
     allowed integer[] := '{}';
     k integer;
+    passed integer := 0;
     claimed_now bigint[];
 BEGIN
     FOR c IN
-        SELECT r.ctid,
-               (SELECT jsonb_path_query_first(u.input, _claim_keyed.key_path) #>> '{}'
-                  FROM baton.runs u WHERE u.id = r.run_id) AS key
+        SELECT r.ctid, r.run_id, r.flow_key AS key
           FROM baton.steps r
          WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
          ORDER BY r.priority DESC, r.run_at, r.step_id
     LOOP
-        IF c.key IS NOT NULL THEN
-            k := array_position(seen, c.key);
-            IF k IS NULL THEN
-                seen := seen || c.key;
-                k := cardinality(seen);
-                IF pg_try_advisory_xact_lock(1651797603, hashtext(_claim_keyed.queue || E'\n' || c.key)) THEN
-                    -- a statement of its own: its snapshot, taken under the
-                    -- key's lock, sees the leases of the claim that held it
-                    allowed := allowed || (per_key - (SELECT count(*) FROM baton.steps s
-                                                       WHERE s.status = 'running' AND s.queue = _claim_keyed.queue
-                                                         AND s.flow_key = c.key))::integer;
-                ELSE
-                    allowed := allowed || 0;
-                END IF;
+        -- (no key yet: made while configure_queue gave the queue its key)
+        key := coalesce(c.key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path));
+        IF key <> '' THEN
+            SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
+            IF allowed[k] <= 0 THEN
+                passed := passed + 1;
+                EXIT WHEN passed >= 200;
+                CONTINUE;
             END IF;
-            CONTINUE WHEN allowed[k] <= 0;
             allowed[k] := allowed[k] - 1;
         END IF;
         chosen := chosen || c.ctid;
         EXIT WHEN cardinality(chosen) >= want;
     END LOOP;
+
+    IF passed >= 200 AND cardinality(chosen) < want THEN
+        FOR key IN
+            WITH RECURSIVE keys(key) AS (
+                SELECT (SELECT min(r.flow_key) FROM baton.steps r
+                         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key IS NOT NULL)
+                UNION ALL
+                SELECT (SELECT min(r.flow_key) FROM baton.steps r
+                         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key > keys.key)
+                  FROM keys WHERE keys.key IS NOT NULL)
+            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL
+        LOOP
+            IF key = '' THEN
+                k := NULL;
+            ELSE
+                SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
+                CONTINUE WHEN allowed[k] <= 0;
+            END IF;
+            chosen := chosen || ARRAY(
+                SELECT r.ctid FROM baton.steps r
+                 WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key = key
+                   AND NOT (r.ctid = ANY (chosen))
+                 ORDER BY r.priority DESC, r.run_at, r.step_id
+                 LIMIT least(coalesce(allowed[k], want), want - cardinality(chosen)));
+            IF k IS NOT NULL THEN
+                allowed[k] := 0;  -- (its head was taken up to its allowance)
+            END IF;
+            EXIT WHEN cardinality(chosen) >= want;
+        END LOOP;
+    END IF;
     IF cardinality(chosen) = 0 THEN
         RETURN '{}';
     END IF;
@@ -161,8 +221,8 @@ BEGIN
                lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_keyed.lease
                                                            ELSE least(_claim_keyed.lease, s.timeout) END,
                started_at = now(),
-               flow_key = (SELECT jsonb_path_query_first(u.input, _claim_keyed.key_path) #>> '{}'
-                             FROM baton.runs u WHERE u.id = s.run_id)
+               flow_key = coalesce(s.flow_key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = s.run_id),
+                                                               _claim_keyed.key_path))
          WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
         RETURNING s.step_id, s.run_id
     ), started AS (
@@ -171,4 +231,33 @@ BEGIN
     )
     SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
     RETURN coalesce(claimed_now, '{}');
+END $$;
+
+-- A key met by a claim: its position in `seen` (the keys the claim has
+-- counted, with how many more of each it may admit in `allowed`), counted
+-- now (_key_free) if it is new.
+CREATE FUNCTION _count_key(queue text, key text, per_key integer, INOUT seen text[], INOUT allowed integer[],
+                           OUT k integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    k := array_position(seen, key);
+    IF k IS NULL THEN
+        seen := seen || key;
+        allowed := allowed || baton._key_free(queue, key, per_key);
+        k := cardinality(seen);
+    END IF;
+END $$;
+
+-- How many more steps of `key` may run now: 0 when another claim is
+-- admitting it at this moment (its lock is held). A statement of its own
+-- after the lock, so that its snapshot sees the leases of the claim that
+-- held it.
+CREATE FUNCTION _key_free(queue text, key text, per_key integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(1651797603, hashtext(queue || E'\n' || key)) THEN
+        RETURN 0;
+    END IF;
+    RETURN per_key - (SELECT count(*) FROM baton.steps s
+                       WHERE s.status = 'running' AND s.queue = _key_free.queue AND s.flow_key = _key_free.key);
 END $$;

@@ -33,9 +33,9 @@ BEGIN
     END IF;
     SELECT max(t.step_no) INTO base FROM baton.steps t WHERE t.run_id = s.run_id;
     INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on, queue, priority, run_at,
-                             max_attempts, timeout, kind, map_index, map_item)
+                             max_attempts, timeout, kind, map_index, map_item, flow_key)
     SELECT s.run_id, base + e.i::integer, s.name, 'ready', array_remove(s.upstream, source), ARRAY[s.step_no], 0,
-           s.queue, s.priority, s.run_at, s.max_attempts, s.timeout, 'task', e.i::integer - 1, e.v
+           s.queue, s.priority, s.run_at, s.max_attempts, s.timeout, 'task', e.i::integer - 1, e.v, s.flow_key
       FROM jsonb_array_elements(elements) WITH ORDINALITY AS e(v, i)
      ORDER BY e.i;  -- step ids in element order: claimed in that order
     UPDATE baton.steps t SET waiting_on = n WHERE t.run_id = s.run_id AND t.step_no = s.step_no;

@@ -16,6 +16,8 @@ ALTER TABLE queues ADD COLUMN rate_limit integer CHECK (rate_limit IS NULL OR ra
                    ADD COLUMN per_key_concurrency integer CHECK (per_key_concurrency IS NULL OR per_key_concurrency >= 1);
 ALTER TABLE steps ADD COLUMN flow_key text;
 CREATE INDEX steps_flow ON steps (queue, flow_key) WHERE status = 'running' AND flow_key IS NOT NULL;
+CREATE INDEX steps_ready_keyed ON steps (queue, flow_key, priority DESC, run_at, step_id)
+    WHERE status = 'ready' AND flow_key IS NOT NULL;
 
 -- Statistics (sql/stats.sql) and versions (the workflow_definitions view).
 CREATE INDEX steps_finished ON steps (queue, status, finished_at) WHERE finished_at IS NOT NULL;
@@ -247,6 +249,10 @@ BEGIN
               FROM jsonb_array_elements(_create_steps.definition -> 'steps') WITH ORDINALITY AS e(s, n)) d
      CROSS JOIN unnest(_create_steps.run_ids) WITH ORDINALITY AS r(id, k)
      ORDER BY r.k, d.n;  -- step ids in enqueue order: equal-priority runs are claimed oldest first
+    -- the keys of queues with a per-key limit (one probe when there are none)
+    IF EXISTS (SELECT FROM baton.queues c WHERE c.concurrency_key IS NOT NULL) THEN
+        PERFORM baton._set_flow_keys(_create_steps.run_ids);
+    END IF;
 END $$;
 
 -- sql/run.sql
@@ -1242,6 +1248,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 DECLARE
     key_path jsonpath;
+    old_path jsonpath;
 BEGIN
     IF queue IS NULL OR btrim(queue) = '' THEN
         RAISE EXCEPTION 'queue must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
@@ -1279,6 +1286,7 @@ BEGIN
         RAISE EXCEPTION 'concurrency_key must be a JSON path into the run''s input (such as ''$.customer_id''), got %',
             concurrency_key USING ERRCODE = 'invalid_parameter_value';
     END;
+    SELECT c.concurrency_key INTO old_path FROM baton.queues c WHERE c.name = queue;
     INSERT INTO baton.queues AS q (name, concurrency, paused, updated_at, rate_limit, rate_period, concurrency_key,
                                    per_key_concurrency)
     VALUES (queue, concurrency, coalesce(paused, false), now(), rate_limit, rate_period, key_path, per_key_concurrency)
@@ -1286,6 +1294,11 @@ BEGIN
        SET concurrency = excluded.concurrency, paused = excluded.paused, updated_at = now(),
            rate_limit = excluded.rate_limit, rate_period = excluded.rate_period,
            concurrency_key = excluded.concurrency_key, per_key_concurrency = excluded.per_key_concurrency;
+    -- A new key: the queue's waiting steps are keyed again (a pass over
+    -- steps; running steps keep the key they were claimed under).
+    IF key_path::text IS DISTINCT FROM old_path::text THEN
+        PERFORM baton._rekey_queue(queue);
+    END IF;
     -- Unpausing or raising a limit may make waiting steps claimable.
     PERFORM pg_notify('baton_ready', queue);
 END $$;
@@ -1712,9 +1725,9 @@ BEGIN
     END IF;
     SELECT max(t.step_no) INTO base FROM baton.steps t WHERE t.run_id = s.run_id;
     INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on, queue, priority, run_at,
-                             max_attempts, timeout, kind, map_index, map_item)
+                             max_attempts, timeout, kind, map_index, map_item, flow_key)
     SELECT s.run_id, base + e.i::integer, s.name, 'ready', array_remove(s.upstream, source), ARRAY[s.step_no], 0,
-           s.queue, s.priority, s.run_at, s.max_attempts, s.timeout, 'task', e.i::integer - 1, e.v
+           s.queue, s.priority, s.run_at, s.max_attempts, s.timeout, 'task', e.i::integer - 1, e.v, s.flow_key
       FROM jsonb_array_elements(elements) WITH ORDINALITY AS e(v, i)
      ORDER BY e.i;  -- step ids in element order: claimed in that order
     UPDATE baton.steps t SET waiting_on = n WHERE t.run_id = s.run_id AND t.step_no = s.step_no;
@@ -2050,6 +2063,34 @@ BEGIN
 END $$;
 
 -- sql/flow.sql
+CREATE OR REPLACE FUNCTION _flow_key(input jsonb, key_path jsonpath) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN coalesce(jsonb_path_query_first(input, key_path) #>> '{}', '');
+END $$;
+
+-- sql/flow.sql
+CREATE OR REPLACE FUNCTION _set_flow_keys(run_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE baton.steps s
+       SET flow_key = baton._flow_key(r.input, c.concurrency_key)
+      FROM baton.runs r, baton.queues c
+     WHERE s.run_id = ANY (run_ids) AND r.id = s.run_id AND c.name = s.queue AND c.concurrency_key IS NOT NULL;
+END $$;
+
+-- sql/flow.sql
+CREATE OR REPLACE FUNCTION _rekey_queue(queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE baton.steps s
+       SET flow_key = (SELECT CASE WHEN c.concurrency_key IS NOT NULL THEN baton._flow_key(r.input, c.concurrency_key) END
+                         FROM baton.runs r LEFT JOIN baton.queues c ON c.name = s.queue
+                        WHERE r.id = s.run_id)
+     WHERE s.queue = _rekey_queue.queue AND s.status IN ('blocked', 'scheduled', 'ready', 'waiting');
+END $$;
+
+-- sql/flow.sql
 CREATE OR REPLACE FUNCTION _claim_flow(worker text, queues text[], want integer, lease interval) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -2133,41 +2174,64 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     c record;
+    key text;
     chosen tid[] := '{}';
     seen text[] := '{}';
     allowed integer[] := '{}';
     k integer;
+    passed integer := 0;
     claimed_now bigint[];
 BEGIN
     FOR c IN
-        SELECT r.ctid,
-               (SELECT jsonb_path_query_first(u.input, _claim_keyed.key_path) #>> '{}'
-                  FROM baton.runs u WHERE u.id = r.run_id) AS key
+        SELECT r.ctid, r.run_id, r.flow_key AS key
           FROM baton.steps r
          WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
          ORDER BY r.priority DESC, r.run_at, r.step_id
     LOOP
-        IF c.key IS NOT NULL THEN
-            k := array_position(seen, c.key);
-            IF k IS NULL THEN
-                seen := seen || c.key;
-                k := cardinality(seen);
-                IF pg_try_advisory_xact_lock(1651797603, hashtext(_claim_keyed.queue || E'\n' || c.key)) THEN
-                    -- a statement of its own: its snapshot, taken under the
-                    -- key's lock, sees the leases of the claim that held it
-                    allowed := allowed || (per_key - (SELECT count(*) FROM baton.steps s
-                                                       WHERE s.status = 'running' AND s.queue = _claim_keyed.queue
-                                                         AND s.flow_key = c.key))::integer;
-                ELSE
-                    allowed := allowed || 0;
-                END IF;
+        -- (no key yet: made while configure_queue gave the queue its key)
+        key := coalesce(c.key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path));
+        IF key <> '' THEN
+            SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
+            IF allowed[k] <= 0 THEN
+                passed := passed + 1;
+                EXIT WHEN passed >= 200;
+                CONTINUE;
             END IF;
-            CONTINUE WHEN allowed[k] <= 0;
             allowed[k] := allowed[k] - 1;
         END IF;
         chosen := chosen || c.ctid;
         EXIT WHEN cardinality(chosen) >= want;
     END LOOP;
+
+    IF passed >= 200 AND cardinality(chosen) < want THEN
+        FOR key IN
+            WITH RECURSIVE keys(key) AS (
+                SELECT (SELECT min(r.flow_key) FROM baton.steps r
+                         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key IS NOT NULL)
+                UNION ALL
+                SELECT (SELECT min(r.flow_key) FROM baton.steps r
+                         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key > keys.key)
+                  FROM keys WHERE keys.key IS NOT NULL)
+            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL
+        LOOP
+            IF key = '' THEN
+                k := NULL;
+            ELSE
+                SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
+                CONTINUE WHEN allowed[k] <= 0;
+            END IF;
+            chosen := chosen || ARRAY(
+                SELECT r.ctid FROM baton.steps r
+                 WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key = key
+                   AND NOT (r.ctid = ANY (chosen))
+                 ORDER BY r.priority DESC, r.run_at, r.step_id
+                 LIMIT least(coalesce(allowed[k], want), want - cardinality(chosen)));
+            IF k IS NOT NULL THEN
+                allowed[k] := 0;  -- (its head was taken up to its allowance)
+            END IF;
+            EXIT WHEN cardinality(chosen) >= want;
+        END LOOP;
+    END IF;
     IF cardinality(chosen) = 0 THEN
         RETURN '{}';
     END IF;
@@ -2186,8 +2250,8 @@ BEGIN
                lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_keyed.lease
                                                            ELSE least(_claim_keyed.lease, s.timeout) END,
                started_at = now(),
-               flow_key = (SELECT jsonb_path_query_first(u.input, _claim_keyed.key_path) #>> '{}'
-                             FROM baton.runs u WHERE u.id = s.run_id)
+               flow_key = coalesce(s.flow_key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = s.run_id),
+                                                               _claim_keyed.key_path))
          WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
         RETURNING s.step_id, s.run_id
     ), started AS (
@@ -2196,6 +2260,30 @@ BEGIN
     )
     SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
     RETURN coalesce(claimed_now, '{}');
+END $$;
+
+-- sql/flow.sql
+CREATE OR REPLACE FUNCTION _count_key(queue text, key text, per_key integer, INOUT seen text[], INOUT allowed integer[],
+                           OUT k integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    k := array_position(seen, key);
+    IF k IS NULL THEN
+        seen := seen || key;
+        allowed := allowed || baton._key_free(queue, key, per_key);
+        k := cardinality(seen);
+    END IF;
+END $$;
+
+-- sql/flow.sql
+CREATE OR REPLACE FUNCTION _key_free(queue text, key text, per_key integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(1651797603, hashtext(queue || E'\n' || key)) THEN
+        RETURN 0;
+    END IF;
+    RETURN per_key - (SELECT count(*) FROM baton.steps s
+                       WHERE s.status = 'running' AND s.queue = _key_free.queue AND s.flow_key = _key_free.key);
 END $$;
 
 -- sql/operation.sql
@@ -2608,7 +2696,8 @@ BEGIN
                    AND s.finished_at > at - interval '1 hour') AS failed,
                (SELECT count(*) FROM baton.steps s
                  WHERE s.queue = q.name AND s.status = 'succeeded' AND s.finished_at IS NOT NULL
-                   AND s.finished_at > at - interval '1 minute') AS completed
+                   AND s.finished_at > at - interval '1 minute'
+                   AND s.attempt > 0) AS completed  -- (a fork's copies were not run)
           FROM finished_queues q
     ), names AS (
         SELECT c.name FROM baton.queues c

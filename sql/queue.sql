@@ -15,6 +15,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 DECLARE
     key_path jsonpath;
+    old_path jsonpath;
 BEGIN
     IF queue IS NULL OR btrim(queue) = '' THEN
         RAISE EXCEPTION 'queue must be a non-empty name' USING ERRCODE = 'invalid_parameter_value';
@@ -52,6 +53,7 @@ BEGIN
         RAISE EXCEPTION 'concurrency_key must be a JSON path into the run''s input (such as ''$.customer_id''), got %',
             concurrency_key USING ERRCODE = 'invalid_parameter_value';
     END;
+    SELECT c.concurrency_key INTO old_path FROM baton.queues c WHERE c.name = queue;
     INSERT INTO baton.queues AS q (name, concurrency, paused, updated_at, rate_limit, rate_period, concurrency_key,
                                    per_key_concurrency)
     VALUES (queue, concurrency, coalesce(paused, false), now(), rate_limit, rate_period, key_path, per_key_concurrency)
@@ -59,6 +61,11 @@ BEGIN
        SET concurrency = excluded.concurrency, paused = excluded.paused, updated_at = now(),
            rate_limit = excluded.rate_limit, rate_period = excluded.rate_period,
            concurrency_key = excluded.concurrency_key, per_key_concurrency = excluded.per_key_concurrency;
+    -- A new key: the queue's waiting steps are keyed again (a pass over
+    -- steps; running steps keep the key they were claimed under).
+    IF key_path::text IS DISTINCT FROM old_path::text THEN
+        PERFORM baton._rekey_queue(queue);
+    END IF;
     -- Unpausing or raising a limit may make waiting steps claimable.
     PERFORM pg_notify('baton_ready', queue);
 END $$;

@@ -32,6 +32,10 @@ BEGIN
               FROM jsonb_array_elements(_create_steps.definition -> 'steps') WITH ORDINALITY AS e(s, n)) d
      CROSS JOIN unnest(_create_steps.run_ids) WITH ORDINALITY AS r(id, k)
      ORDER BY r.k, d.n;  -- step ids in enqueue order: equal-priority runs are claimed oldest first
+    -- the keys of queues with a per-key limit (one probe when there are none)
+    IF EXISTS (SELECT FROM baton.queues c WHERE c.concurrency_key IS NOT NULL) THEN
+        PERFORM baton._set_flow_keys(_create_steps.run_ids);
+    END IF;
 END $$;
 
 -- Start the root steps of new runs that are not tasks (a sleep, a wait, a

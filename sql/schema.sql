@@ -121,8 +121,9 @@ CREATE TABLE steps (
     map_item          jsonb,
     -- the event a waiting step waits for (wait_event, suspend_step)
     wait_for          text,
-    -- its run's value of its queue's concurrency_key, set when it is claimed
-    -- from a queue that has one (sql/flow.sql)
+    -- its run's value of its queue's concurrency_key (sql/flow.sql), set
+    -- when the step is made, '' for a run without one; NULL when its queue
+    -- has no per-key limit
     flow_key          text,
     PRIMARY KEY (run_id, step_no)
     -- The fencing invariant: a lease token exists exactly while the step runs.
@@ -155,6 +156,10 @@ CREATE INDEX steps_waiting_for ON steps (run_id, wait_for) WHERE status = 'waiti
 -- Running steps per key of a queue's concurrency_key (sql/flow.sql): a
 -- per-key limit is a probe, not a count of the queue's leases.
 CREATE INDEX steps_flow ON steps (queue, flow_key) WHERE status = 'running' AND flow_key IS NOT NULL;
+-- Ready steps of keyed queues per key, in the claim's order: a claim that
+-- meets a deep backlog of keys at their limit goes key by key instead.
+CREATE INDEX steps_ready_keyed ON steps (queue, flow_key, priority DESC, run_at, step_id)
+    WHERE status = 'ready' AND flow_key IS NOT NULL;
 -- Finished steps per queue, newest last: queue_stats counts the last
 -- minute's and hour's by a range of this index, never the whole history.
 CREATE INDEX steps_finished ON steps (queue, status, finished_at) WHERE finished_at IS NOT NULL;

@@ -90,6 +90,33 @@ SELECT baton.configure_queue('fl_key_q', concurrency_key => '$.tenant', per_key_
 SELECT count(*) AS unpaused_claim FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 100);
 SELECT cancel_unfinished_runs();
 
+-- 5b. One tenant's deep backlog at the head (300 steps, past the 200 the
+--     claim's walk passes over) does not hold back the others behind it:
+--     the claim goes on key by key, and a run without a key is found too.
+SELECT baton.configure_queue('fl_key_q', concurrency_key => '$.tenant', per_key_concurrency => 1);
+SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', array_fill('{"tenant": "flood"}'::jsonb, ARRAY[300])));
+SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', ARRAY['{"tenant": "Z"}'::jsonb, '{"tenant": "Y"}', '{}']));
+SELECT input ->> 'tenant' AS tenant FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 1);
+SELECT coalesce(input ->> 'tenant', 'none') AS tenant FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 10) ORDER BY 1;
+SELECT count(*) AS nothing_left FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 10);
+SELECT cancel_unfinished_runs();
+
+-- 5c. The keys are set when steps are made (map items take their map
+--     step's), and again when the queue's concurrency_key changes.
+SELECT baton.configure_queue('fl_rekey_q');
+SELECT baton.define_workflow('fl_rekey', $${"queue": "fl_rekey_q", "steps": [
+    {"name": "list"}, {"name": "each", "after": ["list"], "map": "list"}]}$$);
+SELECT baton.enqueue_workflow('fl_rekey', '{"org": {"id": 12}}') AS rk \gset
+SELECT name, flow_key FROM baton.steps WHERE run_id = :'rk' ORDER BY step_no;
+SELECT baton.configure_queue('fl_rekey_q', concurrency_key => '$.org.id', per_key_concurrency => 1);
+SELECT name, flow_key FROM baton.steps WHERE run_id = :'rk' ORDER BY step_no;
+SELECT baton.complete_step(step_id, lease_token, '[1, 2]') FROM baton.claim_steps('fl-w', ARRAY['fl_rekey_q']);
+SELECT name, map_index, status, flow_key FROM baton.steps WHERE run_id = :'rk' ORDER BY step_no;
+SELECT count(*) AS one_item_at_a_time FROM baton.claim_steps('fl-w', ARRAY['fl_rekey_q'], 10);
+SELECT baton.configure_queue('fl_rekey_q');
+SELECT name, map_index, status, flow_key FROM baton.steps WHERE run_id = :'rk' ORDER BY step_no;
+SELECT cancel_unfinished_runs();
+
 -- 6. Two claimers at once (dblink): while one claims tenant A's step in an
 --    open transaction, the other does not wait for it: it passes over A and
 --    takes B's. A key is never admitted past its limit by two claims.

@@ -16,6 +16,8 @@ ALTER TABLE queues ADD COLUMN rate_limit integer CHECK (rate_limit IS NULL OR ra
                    ADD COLUMN per_key_concurrency integer CHECK (per_key_concurrency IS NULL OR per_key_concurrency >= 1);
 ALTER TABLE steps ADD COLUMN flow_key text;
 CREATE INDEX steps_flow ON steps (queue, flow_key) WHERE status = 'running' AND flow_key IS NOT NULL;
+CREATE INDEX steps_ready_keyed ON steps (queue, flow_key, priority DESC, run_at, step_id)
+    WHERE status = 'ready' AND flow_key IS NOT NULL;
 
 -- Statistics (sql/stats.sql) and versions (the workflow_definitions view).
 CREATE INDEX steps_finished ON steps (queue, status, finished_at) WHERE finished_at IS NOT NULL;
