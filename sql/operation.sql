@@ -42,12 +42,26 @@ BEGIN
 END $$;
 
 -- The run an operation is on, under its lock (taken before it is read).
+-- A finished run's row is locked too: purge deletes finished runs by their
+-- row lock alone (SKIP LOCKED), so that it never takes a lock per run, and
+-- only operations touch a finished run, so locking its row before its steps
+-- cannot meet a claim (which locks steps, then the run row).
 CREATE FUNCTION _operated_run(id uuid) RETURNS baton.runs
 LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    r baton.runs;
 BEGIN
     PERFORM baton._require(id, 'id');
     PERFORM baton._lock_run(id);
-    RETURN baton._existing_run(id);
+    r := baton._existing_run(id);
+    IF r.finished_at IS NOT NULL THEN
+        PERFORM 1 FROM baton.runs x WHERE x.id = id FOR UPDATE;
+        IF NOT FOUND THEN  -- purged meanwhile
+            r := baton._existing_run(id);
+        END IF;
+    END IF;
+    RETURN r;
 END $$;
 
 CREATE FUNCTION _wrong_state(r baton.runs, operation text, allowed text) RETURNS void
@@ -309,11 +323,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- signals first: the background worker holds a signal's row while it
+    -- does it (sql/child.sql), and then the run's steps
+    DELETE FROM baton.run_signals x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.attempts x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.checkpoints x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.events x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.event_values x WHERE x.run_id = ANY (ids);
-    DELETE FROM baton.run_signals x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.run_log x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.steps x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.runs x WHERE x.id = ANY (ids);
@@ -359,25 +375,17 @@ BEGIN
 END $$;
 
 -- One batch of purging: up to `batch` runs that finished before `cutoff`,
--- oldest first, leaving out those in `passed` and those another
--- transaction holds (their row or their run's lock): it never waits.
--- Returns how many it looked at and deleted, and those it left.
-CREATE FUNCTION _purge_batch(cutoff timestamptz, batch integer, passed uuid[],
-                             OUT seen integer, OUT deleted bigint, OUT left_out uuid[])
+-- oldest first, leaving out those whose row another transaction holds (an
+-- operation on it): it never waits, and it takes no lock per run but the
+-- rows it deletes. Returns how many it deleted.
+CREATE FUNCTION _purge_batch(cutoff timestamptz, batch integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
-DECLARE
-    candidates uuid[];
-    free uuid[];
 BEGIN
-    candidates := ARRAY(SELECT r.id FROM baton.runs r
-                         WHERE r.finished_at < cutoff AND NOT (r.id = ANY (passed))
-                         ORDER BY r.finished_at
-                         LIMIT batch
-                           FOR UPDATE SKIP LOCKED);
-    free := ARRAY(SELECT x FROM unnest(candidates) x WHERE baton._try_lock_run(x));
-    seen := cardinality(candidates);
-    deleted := baton._delete_runs(free);
-    left_out := ARRAY(SELECT x FROM unnest(candidates) x WHERE NOT (x = ANY (free)));
+    RETURN baton._delete_runs(ARRAY(SELECT r.id FROM baton.runs r
+                                      WHERE r.finished_at < cutoff
+                                      ORDER BY r.finished_at
+                                      LIMIT batch
+                                        FOR UPDATE SKIP LOCKED));
 END $$;
 
 -- Delete the runs that finished more than `older_than` ago, `batch_size` at
@@ -388,8 +396,7 @@ CREATE FUNCTION purge(older_than interval, batch_size integer DEFAULT 1000) RETU
 LANGUAGE plpgsql AS $$
 DECLARE
     cutoff timestamptz;
-    b record;
-    passed uuid[] := '{}';
+    deleted bigint;
     total bigint := 0;
 BEGIN
     PERFORM baton._require(older_than, 'older_than');
@@ -405,10 +412,9 @@ BEGIN
         RETURN 0;  -- longer ago than any timestamp: nothing is that old
     END;
     LOOP
-        b := baton._purge_batch(cutoff, batch_size, passed);
-        total := total + b.deleted;
-        EXIT WHEN b.seen < batch_size;
-        passed := passed || b.left_out;
+        deleted := baton._purge_batch(cutoff, batch_size);
+        total := total + deleted;
+        EXIT WHEN deleted < batch_size;
     END LOOP;
     RETURN total;
 END $$;

@@ -2027,9 +2027,8 @@ BEGIN
         retention := nullif(current_setting('baton.retention', true), '')::interval;
         IF retention IS NOT NULL THEN
             -- (sql/operation.sql: never waits for a run another transaction holds)
-            pruned := (baton._purge_batch(at - retention,
-                                          coalesce(current_setting('baton.prune_batch', true)::integer, 1000),
-                                          '{}')).deleted;
+            pruned := baton._purge_batch(at - retention,
+                                         coalesce(current_setting('baton.prune_batch', true)::integer, 1000));
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: pruning old runs failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
@@ -2311,10 +2310,20 @@ END $$;
 -- sql/operation.sql
 CREATE OR REPLACE FUNCTION _operated_run(id uuid) RETURNS baton.runs
 LANGUAGE plpgsql AS $$
+#variable_conflict use_variable
+DECLARE
+    r baton.runs;
 BEGIN
     PERFORM baton._require(id, 'id');
     PERFORM baton._lock_run(id);
-    RETURN baton._existing_run(id);
+    r := baton._existing_run(id);
+    IF r.finished_at IS NOT NULL THEN
+        PERFORM 1 FROM baton.runs x WHERE x.id = id FOR UPDATE;
+        IF NOT FOUND THEN  -- purged meanwhile
+            r := baton._existing_run(id);
+        END IF;
+    END IF;
+    RETURN r;
 END $$;
 
 -- sql/operation.sql
@@ -2562,11 +2571,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- signals first: the background worker holds a signal's row while it
+    -- does it (sql/child.sql), and then the run's steps
+    DELETE FROM baton.run_signals x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.attempts x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.checkpoints x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.events x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.event_values x WHERE x.run_id = ANY (ids);
-    DELETE FROM baton.run_signals x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.run_log x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.steps x WHERE x.run_id = ANY (ids);
     DELETE FROM baton.runs x WHERE x.id = ANY (ids);
@@ -2611,22 +2622,14 @@ BEGIN
 END $$;
 
 -- sql/operation.sql
-CREATE OR REPLACE FUNCTION _purge_batch(cutoff timestamptz, batch integer, passed uuid[],
-                             OUT seen integer, OUT deleted bigint, OUT left_out uuid[])
+CREATE OR REPLACE FUNCTION _purge_batch(cutoff timestamptz, batch integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
-DECLARE
-    candidates uuid[];
-    free uuid[];
 BEGIN
-    candidates := ARRAY(SELECT r.id FROM baton.runs r
-                         WHERE r.finished_at < cutoff AND NOT (r.id = ANY (passed))
-                         ORDER BY r.finished_at
-                         LIMIT batch
-                           FOR UPDATE SKIP LOCKED);
-    free := ARRAY(SELECT x FROM unnest(candidates) x WHERE baton._try_lock_run(x));
-    seen := cardinality(candidates);
-    deleted := baton._delete_runs(free);
-    left_out := ARRAY(SELECT x FROM unnest(candidates) x WHERE NOT (x = ANY (free)));
+    RETURN baton._delete_runs(ARRAY(SELECT r.id FROM baton.runs r
+                                      WHERE r.finished_at < cutoff
+                                      ORDER BY r.finished_at
+                                      LIMIT batch
+                                        FOR UPDATE SKIP LOCKED));
 END $$;
 
 -- sql/operation.sql
@@ -2634,8 +2637,7 @@ CREATE OR REPLACE FUNCTION purge(older_than interval, batch_size integer DEFAULT
 LANGUAGE plpgsql AS $$
 DECLARE
     cutoff timestamptz;
-    b record;
-    passed uuid[] := '{}';
+    deleted bigint;
     total bigint := 0;
 BEGIN
     PERFORM baton._require(older_than, 'older_than');
@@ -2651,10 +2653,9 @@ BEGIN
         RETURN 0;  -- longer ago than any timestamp: nothing is that old
     END;
     LOOP
-        b := baton._purge_batch(cutoff, batch_size, passed);
-        total := total + b.deleted;
-        EXIT WHEN b.seen < batch_size;
-        passed := passed || b.left_out;
+        deleted := baton._purge_batch(cutoff, batch_size);
+        total := total + deleted;
+        EXIT WHEN deleted < batch_size;
     END LOOP;
     RETURN total;
 END $$;

@@ -37,9 +37,8 @@ BEGIN
         retention := nullif(current_setting('baton.retention', true), '')::interval;
         IF retention IS NOT NULL THEN
             -- (sql/operation.sql: never waits for a run another transaction holds)
-            pruned := (baton._purge_batch(at - retention,
-                                          coalesce(current_setting('baton.prune_batch', true)::integer, 1000),
-                                          '{}')).deleted;
+            pruned := baton._purge_batch(at - retention,
+                                         coalesce(current_setting('baton.prune_batch', true)::integer, 1000));
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: pruning old runs failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;

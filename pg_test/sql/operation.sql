@@ -165,6 +165,14 @@ SELECT count(*) AS gone FROM baton.runs WHERE id IN (:'r', :'k');
 SELECT count(*) = :recent AS others_kept FROM baton.runs;
 SELECT run_status(:'young') AS unfinished_kept;
 SELECT cancel_unfinished_runs();
+-- 10,000 runs in one call: no lock per run (max_locks_per_transaction is
+-- 64 per connection here)
+SELECT baton.define_workflow('op_many', '{"queue": "op_many_q", "steps": [{"name": "x"}]}');
+SELECT count(*) FROM unnest(baton.enqueue_workflows('op_many', array_fill('{}'::jsonb, ARRAY[10000])));
+UPDATE baton.runs SET status = 'succeeded', finished_at = now() - interval '3 days' WHERE workflow = 'op_many';
+UPDATE baton.steps SET status = 'succeeded', finished_at = now() - interval '3 days' WHERE queue = 'op_many_q';
+SELECT baton.purge('1 day') AS purged_many;
+SELECT count(*) AS left_many FROM baton.runs WHERE workflow = 'op_many';
 
 -- 12. A map run resumed keeps its succeeded items and runs the failed one;
 --     retried from the map, it fans out anew.
@@ -248,5 +256,16 @@ SELECT pg_temp.other_is_blocked(:other_pid) AS worker_waits;
 COMMIT;
 SELECT result FROM dblink_get_result('other') AS t(result text);
 SELECT * FROM dblink_get_result('other') AS t(result text);
+-- 13d. purge while an operation holds an old run: it passes over that run
+--      without waiting and deletes the others.
+SELECT baton.enqueue_workflow('op_race', '{"n": 9}') AS p1 \gset
+SELECT baton.enqueue_workflow('op_race', '{"n": 10}') AS p2 \gset
+SELECT baton.cancel_workflow(:'p1'), baton.cancel_workflow(:'p2');
+UPDATE baton.runs SET finished_at = now() - interval '10 days' WHERE id IN (:'p1', :'p2');
+BEGIN;
+SELECT baton.resume_workflow(:'p1');
+SELECT * FROM dblink('other', $$SELECT baton.purge('9 days')$$) AS t(purged_by_other bigint);
+COMMIT;
+SELECT run_status(:'p1') AS held_run, (SELECT count(*) FROM baton.runs WHERE id = :'p2') AS other_left;
 SELECT dblink_disconnect('other');
 SELECT cancel_unfinished_runs();
