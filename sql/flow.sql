@@ -119,7 +119,12 @@ BEGIN
 
     -- What a rate-limited queue did not claim (fewer steps were ready) goes
     -- back to its window.
-    IF cardinality(rated_names) > 0 THEN
+    IF cardinality(rated_names) = 1 AND cardinality(queues) = 1 THEN
+        -- (one queue: what it claimed is what was leased)
+        IF rated_taken[1] > cardinality(leased) THEN
+            PERFORM baton._rate_give_back(rated_names[1], rated_periods[1], rated_taken[1] - cardinality(leased), at);
+        END IF;
+    ELSIF cardinality(rated_names) > 0 THEN
         PERFORM baton._rate_give_back(r.name, r.period, r.taken - coalesce(c.n, 0)::integer, at)
            FROM unnest(rated_names, rated_periods, rated_taken) AS r(name, period, taken)
            LEFT JOIN (SELECT s.queue, count(*) AS n FROM baton.steps s

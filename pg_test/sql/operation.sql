@@ -267,5 +267,38 @@ SELECT baton.resume_workflow(:'p1');
 SELECT * FROM dblink('other', $$SELECT baton.purge('9 days')$$) AS t(purged_by_other bigint);
 COMMIT;
 SELECT run_status(:'p1') AS held_run, (SELECT count(*) FROM baton.runs WHERE id = :'p2') AS other_left;
+SELECT cancel_unfinished_runs();
+-- 13e. What an operation makes runnable is announced at its commit
+--      (NOTIFY baton_ready with the queue), as an enqueue is. The other
+--      session listens; next_notice() polls it (up to 10 s) for the next one.
+SELECT dblink_exec('other', 'LISTEN baton_ready');
+CREATE FUNCTION pg_temp.next_notice(seconds float8 DEFAULT 10) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    got text;
+BEGIN
+    FOR i IN 1 .. greatest(1, (seconds * 100)::integer) LOOP
+        PERFORM * FROM dblink('other', 'SELECT 1') AS t(x integer);  -- reads what came
+        SELECT n.notify_name || ': ' || n.extra INTO got FROM dblink_get_notify('other') n LIMIT 1;
+        IF got IS NOT NULL THEN
+            RETURN got;
+        END IF;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+    RETURN 'none';
+END $$;
+SELECT baton.enqueue_workflow('op_race', '{"n": 11}') AS nr \gset
+SELECT pg_temp.next_notice() AS enqueued;
+SELECT baton.fail_step(step_id, lease_token, 'no', false) FROM baton.claim_steps('op-worker', ARRAY['op_race_q']);
+BEGIN;
+SELECT baton.resume_workflow(:'nr');
+SELECT pg_temp.next_notice(0.2) AS before_commit;
+COMMIT;
+SELECT pg_temp.next_notice() AS resumed;
+SELECT baton.cancel_workflow(:'nr');
+SELECT baton.retry_from(:'nr', 'b');
+SELECT pg_temp.next_notice() AS retried;
+SELECT baton.fork_workflow(:'nr', 'a') IS NOT NULL AS forked;
+SELECT pg_temp.next_notice() AS fork_announced;
 SELECT dblink_disconnect('other');
 SELECT cancel_unfinished_runs();
