@@ -78,6 +78,22 @@ DECLARE
     s baton.steps;
 BEGIN
     SELECT * INTO c FROM baton.runs r WHERE r.id = child;
+    IF NOT FOUND THEN
+        -- Deleted (delete_workflow with force) before its parent heard of
+        -- it: a step still waiting for a child that no longer exists fails
+        -- this attempt, and follows its retry rules (a retry starts a new
+        -- child), instead of waiting for ever.
+        FOR s IN SELECT * FROM baton.steps t
+                  WHERE t.run_id = parent AND t.status = 'waiting' AND t.kind = 'workflow'
+                  ORDER BY t.step_no FOR UPDATE LOOP
+            IF NOT EXISTS (SELECT FROM baton.runs x
+                            WHERE x.parent_id = parent AND x.parent_step_no = s.step_no
+                              AND x.idempotency_key = baton._child_key(parent, s.name, s.attempt)) THEN
+                PERFORM baton._end_attempt(s, 'failed', format('child run %s was deleted', child), true);
+            END IF;
+        END LOOP;
+        RETURN;
+    END IF;
     SELECT * INTO s FROM baton.steps t WHERE t.run_id = parent AND t.step_no = c.parent_step_no FOR UPDATE;
     IF NOT FOUND OR s.status <> 'waiting' OR s.kind <> 'workflow'
        OR c.idempotency_key IS DISTINCT FROM baton._child_key(parent, s.name, s.attempt)

@@ -22,8 +22,9 @@ END $$;
 -- them next anyway: a chain moves on with one write per step instead of two
 -- (ready, then claimed), without a trip through the ready index. Only when no
 -- ready step of the worker's queues comes before it in the claim's order, and
--- not for a queue with a limit, flow control or paused (those are counted by
--- claims, sql/flow.sql).
+-- not for a queue with a limit, a rate limit or paused (those are counted by
+-- claims, sql/flow.sql); in a queue with a per-key limit, only as many as
+-- steps of the same run finished there (they hand over their slots).
 --
 -- Returns, in input order, each step's run (NULL: its lease was not held);
 -- the runs that finished; and the steps handed to the worker.
@@ -76,7 +77,7 @@ BEGIN
                finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = NULL
          WHERE t.step_id = ANY (_complete.step_ids)
            AND t.lease_token = _complete.lease_tokens[array_position(_complete.step_ids, t.step_id)]
-        RETURNING t.run_id, t.step_id, t.downstream
+        RETURNING t.run_id, t.step_id, t.downstream, t.queue
     ), next AS MATERIALIZED (
         -- Downstream steps of the finished ones and how many of their upstream
         -- steps finished here. Read before they change: the run locks keep
@@ -93,9 +94,15 @@ BEGIN
         SELECT h.run_id, h.step_no
           FROM next h
          WHERE h.ready AND h.kind = 'task' AND h.queue = ANY (_complete.queues)
-           AND NOT EXISTS (SELECT FROM baton.queues c
-                            WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL
-                                  OR c.rate_limit IS NOT NULL OR c.per_key_concurrency IS NOT NULL))
+           -- a queue with settings: none, except that a step of a per-key
+           -- limited queue takes over the slot of a step of its run (the
+           -- same key) that finished here in that queue, one for one
+           AND coalesce((SELECT CASE WHEN c.paused OR c.concurrency IS NOT NULL OR c.rate_limit IS NOT NULL THEN false
+                                     WHEN c.per_key_concurrency IS NOT NULL THEN
+                                          (SELECT count(*) FROM next n WHERE n.run_id = h.run_id AND n.queue = h.queue AND n.ready)
+                                          <= (SELECT count(*) FROM done d WHERE d.run_id = h.run_id AND d.queue = h.queue)
+                                     ELSE true END
+                           FROM baton.queues c WHERE c.name = h.queue), true)
            -- exactly the claim's order: no ready step of the worker's queues
            -- comes before it (priority, then run_at, then step id). One probe
            -- of steps_ready per queue, as a correlated subquery so that no

@@ -14,8 +14,10 @@
 -- running steps of a key are a probe of steps_flow. Only `concurrency`
 -- counts a whole queue, under its advisory lock, as before.
 --
--- Steps of such queues are never handed off by _complete: every one is
--- claimed here, and counted.
+-- Steps of such queues are not handed off by _complete (every one is
+-- claimed here, and counted), except in a queue with only a per-key limit:
+-- a step that finished hands its slot to the next step of its run (the same
+-- key), one for one, so that a chain moves on without a claim.
 
 -- The key of a run's input for a queue's concurrency_key: its value at the
 -- path as text, '' when there is none (or JSON null): such a run is not
@@ -91,8 +93,14 @@ BEGIN
         IF slots > 0 AND q.rate_limit IS NOT NULL THEN
             rated_names := rated_names || q.name;
             rated_periods := rated_periods || (extract(epoch FROM q.rate_period) * 1000000)::bigint;
-            slots := baton._rate_take(q.name, q.rate_limit, rated_periods[cardinality(rated_periods)], slots, at);
-            rated_taken := rated_taken || slots;
+            rated_taken := rated_taken || baton._rate_take(q.name, q.rate_limit, rated_periods[cardinality(rated_periods)],
+                                                           slots, at);
+            IF rated_taken[cardinality(rated_taken)] < slots THEN
+                -- held back by the limit: its workers hear when claims are
+                -- free again (the background worker, src/rate.rs)
+                PERFORM baton._wake_scheduler(baton._rate_wake_at(q.name, rated_periods[cardinality(rated_periods)], at));
+            END IF;
+            slots := rated_taken[cardinality(rated_taken)];
         END IF;
         CONTINUE WHEN slots <= 0;
         IF q.per_key_concurrency IS NOT NULL THEN
@@ -141,8 +149,9 @@ END $$;
 -- two claims can never both admit the last step of one key. A run without a
 -- key ('') is not limited.
 --
--- The walk in the claim's order passes at most 200 steps of keys at their
--- limit; past them (one tenant's deep backlog at the head), it goes on key by
+-- The walk in the claim's order passes over the steps of keys at their limit
+-- (known from the queue's leases before it starts), reading at most 1,000 of
+-- them; past them (one tenant's deep backlog at the head), it goes on key by
 -- key (steps_ready_keyed: one probe per key with ready steps), in key order.
 CREATE FUNCTION _claim_keyed(worker text, queue text, want integer, lease interval, key_path jsonpath,
                              per_key integer) RETURNS bigint[]
@@ -155,31 +164,50 @@ DECLARE
     seen text[] := '{}';
     allowed integer[] := '{}';
     k integer;
-    passed integer := 0;
+    read integer := 0;
+    at_limit text[];
     claimed_now bigint[];
 BEGIN
+    -- The keys at their limit now, from the queue's leases (steps_flow):
+    -- the walk passes over their steps without a look. (Not under the keys'
+    -- locks: a key that frees meanwhile waits for the next claim; the keys
+    -- this claim admits are counted under their locks below.)
+    at_limit := ARRAY(SELECT s.flow_key FROM baton.steps s
+                   WHERE s.status = 'running' AND s.queue = _claim_keyed.queue AND s.flow_key IS NOT NULL
+                   GROUP BY s.flow_key HAVING count(*) >= per_key);
     FOR c IN
         SELECT r.ctid, r.run_id, r.flow_key AS key
           FROM baton.steps r
          WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
          ORDER BY r.priority DESC, r.run_at, r.step_id
+         -- (at most `want` chosen and 1,000 passed over; the limit also
+         -- makes the plan the ordered scan of steps_ready)
+         LIMIT want + 1000
     LOOP
-        -- (no key yet: made while configure_queue gave the queue its key)
-        key := coalesce(c.key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path));
-        IF key <> '' THEN
-            SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
-            IF allowed[k] <= 0 THEN
-                passed := passed + 1;
-                EXIT WHEN passed >= 200;
-                CONTINUE;
+        read := read + 1;
+        -- (simple expressions where it can: this loop runs per step)
+        key := c.key;
+        IF key IS NULL THEN  -- made while configure_queue gave the queue its key
+            key := baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path);
+        END IF;
+        IF key <> '' AND key = ANY (at_limit) THEN
+            CONTINUE;
+        ELSIF key <> '' THEN
+            k := array_position(seen, key);
+            IF k IS NULL THEN  -- a key new to this claim: counted now
+                seen := seen || key;
+                allowed := allowed || baton._key_free(_claim_keyed.queue, key, per_key);
+                k := cardinality(seen);
             END IF;
+            CONTINUE WHEN allowed[k] <= 0;
             allowed[k] := allowed[k] - 1;
         END IF;
         chosen := chosen || c.ctid;
         EXIT WHEN cardinality(chosen) >= want;
     END LOOP;
 
-    IF passed >= 200 AND cardinality(chosen) < want THEN
+    -- Short, and the walk did not reach the end of the ready steps: key by key.
+    IF cardinality(chosen) < want AND read >= want + 1000 THEN
         FOR key IN
             WITH RECURSIVE keys(key) AS (
                 SELECT (SELECT min(r.flow_key) FROM baton.steps r
@@ -188,12 +216,17 @@ BEGIN
                 SELECT (SELECT min(r.flow_key) FROM baton.steps r
                          WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key > keys.key)
                   FROM keys WHERE keys.key IS NOT NULL)
-            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL
+            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL AND NOT (keys.key = ANY (at_limit))
         LOOP
             IF key = '' THEN
                 k := NULL;
             ELSE
-                SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
+                k := array_position(seen, key);
+                IF k IS NULL THEN
+                    seen := seen || key;
+                    allowed := allowed || baton._key_free(_claim_keyed.queue, key, per_key);
+                    k := cardinality(seen);
+                END IF;
                 CONTINUE WHEN allowed[k] <= 0;
             END IF;
             chosen := chosen || ARRAY(
@@ -236,21 +269,6 @@ BEGIN
     )
     SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
     RETURN coalesce(claimed_now, '{}');
-END $$;
-
--- A key met by a claim: its position in `seen` (the keys the claim has
--- counted, with how many more of each it may admit in `allowed`), counted
--- now (_key_free) if it is new.
-CREATE FUNCTION _count_key(queue text, key text, per_key integer, INOUT seen text[], INOUT allowed integer[],
-                           OUT k integer)
-LANGUAGE plpgsql AS $$
-BEGIN
-    k := array_position(seen, key);
-    IF k IS NULL THEN
-        seen := seen || key;
-        allowed := allowed || baton._key_free(queue, key, per_key);
-        k := cardinality(seen);
-    END IF;
 END $$;
 
 -- How many more steps of `key` may run now: 0 when another claim is

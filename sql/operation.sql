@@ -286,8 +286,10 @@ BEGIN
     PERFORM baton._create_steps(ARRAY[new_id], wf.definition,
                                 CASE WHEN src.queue IS DISTINCT FROM wf.definition ->> 'queue' THEN src.queue END,
                                 src.priority, now());
+    -- (no finished_at: the fork did not run them, and queue_stats does not
+    -- count them as completed)
     UPDATE baton.steps t
-       SET status = 'succeeded', output = o.output, waiting_on = 0, finished_at = now()
+       SET status = 'succeeded', output = o.output, waiting_on = 0
       FROM baton.steps o
      WHERE t.run_id = new_id AND t.step_no = ANY (copied)
        AND o.run_id = src.id AND o.name = t.name AND o.map_index IS NULL;
@@ -352,6 +354,13 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Cancel it first, or pass force => true to cancel and delete it.';
     END IF;
+    -- a child run whose end its parent has not taken yet (a signal, done
+    -- within milliseconds): its parent's step would lose its result
+    IF NOT coalesce(force, false) AND EXISTS (SELECT FROM baton.run_signals g WHERE g.from_run = id) THEN
+        RAISE EXCEPTION 'cannot delete_workflow: the parent of workflow run % has not taken its result yet', id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Try again in a moment, or pass force => true (the parent''s step then runs its child again).';
+    END IF;
     -- its descendants, whose locks come after its own (a transition only
     -- ever tries a parent's lock, never waits for it: sql/child.sql)
     family := ARRAY(WITH RECURSIVE d(id) AS (
@@ -376,13 +385,16 @@ END $$;
 
 -- One batch of purging: up to `batch` runs that finished before `cutoff`,
 -- oldest first, leaving out those whose row another transaction holds (an
--- operation on it): it never waits, and it takes no lock per run but the
+-- operation on it) and child runs whose end their parent has not taken yet
+-- (a signal, sql/child.sql): it never waits, and it takes no lock per run but the
 -- rows it deletes. Returns how many it deleted.
 CREATE FUNCTION _purge_batch(cutoff timestamptz, batch integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN baton._delete_runs(ARRAY(SELECT r.id FROM baton.runs r
                                       WHERE r.finished_at < cutoff
+                                        -- (a child whose parent has not taken its end yet: next time)
+                                        AND NOT EXISTS (SELECT FROM baton.run_signals g WHERE g.from_run = r.id)
                                       ORDER BY r.finished_at
                                       LIMIT batch
                                         FOR UPDATE SKIP LOCKED));

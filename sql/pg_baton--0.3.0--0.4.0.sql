@@ -43,6 +43,12 @@ CREATE FUNCTION "_rate_give_back"("queue" TEXT, "period_us" bigint, "n" INT, "at
 STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_give_back_wrapper';
 CREATE FUNCTION "_rate_used"("queue" TEXT, "period_us" bigint, "at" timestamp with time zone) RETURNS bigint
 STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_used_wrapper';
+CREATE FUNCTION "_rate_wake_at"("queue" TEXT, "period_us" bigint, "at" timestamp with time zone) RETURNS timestamp with time zone
+STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_wake_at_wrapper';
+CREATE FUNCTION "_rate_due"("at" timestamp with time zone) RETURNS SETOF TEXT
+STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_due_wrapper';
+CREATE FUNCTION "_rate_next_wake"() RETURNS timestamp with time zone
+STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_next_wake_wrapper';
 
 -- Functions whose arguments changed (new last arguments with defaults) or
 -- that are gone (made again below, or replaced by _claim_flow).
@@ -961,7 +967,7 @@ BEGIN
                finished_at = now(), lease_token = NULL, lease_expires_at = NULL, error = NULL
          WHERE t.step_id = ANY (_complete.step_ids)
            AND t.lease_token = _complete.lease_tokens[array_position(_complete.step_ids, t.step_id)]
-        RETURNING t.run_id, t.step_id, t.downstream
+        RETURNING t.run_id, t.step_id, t.downstream, t.queue
     ), next AS MATERIALIZED (
         -- Downstream steps of the finished ones and how many of their upstream
         -- steps finished here. Read before they change: the run locks keep
@@ -978,9 +984,15 @@ BEGIN
         SELECT h.run_id, h.step_no
           FROM next h
          WHERE h.ready AND h.kind = 'task' AND h.queue = ANY (_complete.queues)
-           AND NOT EXISTS (SELECT FROM baton.queues c
-                            WHERE c.name = h.queue AND (c.paused OR c.concurrency IS NOT NULL
-                                  OR c.rate_limit IS NOT NULL OR c.per_key_concurrency IS NOT NULL))
+           -- a queue with settings: none, except that a step of a per-key
+           -- limited queue takes over the slot of a step of its run (the
+           -- same key) that finished here in that queue, one for one
+           AND coalesce((SELECT CASE WHEN c.paused OR c.concurrency IS NOT NULL OR c.rate_limit IS NOT NULL THEN false
+                                     WHEN c.per_key_concurrency IS NOT NULL THEN
+                                          (SELECT count(*) FROM next n WHERE n.run_id = h.run_id AND n.queue = h.queue AND n.ready)
+                                          <= (SELECT count(*) FROM done d WHERE d.run_id = h.run_id AND d.queue = h.queue)
+                                     ELSE true END
+                           FROM baton.queues c WHERE c.name = h.queue), true)
            -- exactly the claim's order: no ready step of the worker's queues
            -- comes before it (priority, then run_at, then step id). One probe
            -- of steps_ready per queue, as a correlated subquery so that no
@@ -1642,6 +1654,22 @@ DECLARE
     s baton.steps;
 BEGIN
     SELECT * INTO c FROM baton.runs r WHERE r.id = child;
+    IF NOT FOUND THEN
+        -- Deleted (delete_workflow with force) before its parent heard of
+        -- it: a step still waiting for a child that no longer exists fails
+        -- this attempt, and follows its retry rules (a retry starts a new
+        -- child), instead of waiting for ever.
+        FOR s IN SELECT * FROM baton.steps t
+                  WHERE t.run_id = parent AND t.status = 'waiting' AND t.kind = 'workflow'
+                  ORDER BY t.step_no FOR UPDATE LOOP
+            IF NOT EXISTS (SELECT FROM baton.runs x
+                            WHERE x.parent_id = parent AND x.parent_step_no = s.step_no
+                              AND x.idempotency_key = baton._child_key(parent, s.name, s.attempt)) THEN
+                PERFORM baton._end_attempt(s, 'failed', format('child run %s was deleted', child), true);
+            END IF;
+        END LOOP;
+        RETURN;
+    END IF;
     SELECT * INTO s FROM baton.steps t WHERE t.run_id = parent AND t.step_no = c.parent_step_no FOR UPDATE;
     IF NOT FOUND OR s.status <> 'waiting' OR s.kind <> 'workflow'
        OR c.idempotency_key IS DISTINCT FROM baton._child_key(parent, s.name, s.attempt)
@@ -1869,7 +1897,8 @@ BEGIN
                  (SELECT min(s.run_at) FROM baton.steps s WHERE s.status = 'waiting'),
                  (SELECT min(r.deadline) FROM baton.runs r WHERE r.deadline IS NOT NULL AND r.finished_at IS NULL),
                  (SELECT min(c.next_run_at) FROM baton.schedule_entries c WHERE NOT c.paused),
-                 (SELECT min(g.created_at) FROM baton.run_signals g));
+                 (SELECT min(g.created_at) FROM baton.run_signals g),
+                 baton._rate_next_wake());
 END $$;
 
 -- sql/timer.sql
@@ -1983,6 +2012,14 @@ BEGIN
         ticks := baton._fire_schedules(at, batch);
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: firing schedules failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+
+    -- 6. Rate-limited queues whose claims are free again (src/rate.rs):
+    --    their workers are told.
+    BEGIN
+        SELECT woken + count(*) INTO woken FROM (SELECT pg_notify('baton_ready', q) FROM baton._rate_due(clock_timestamp()) q) n;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_baton: waking rate-limited queues failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
     next := baton._next_due();
@@ -2128,8 +2165,14 @@ BEGIN
         IF slots > 0 AND q.rate_limit IS NOT NULL THEN
             rated_names := rated_names || q.name;
             rated_periods := rated_periods || (extract(epoch FROM q.rate_period) * 1000000)::bigint;
-            slots := baton._rate_take(q.name, q.rate_limit, rated_periods[cardinality(rated_periods)], slots, at);
-            rated_taken := rated_taken || slots;
+            rated_taken := rated_taken || baton._rate_take(q.name, q.rate_limit, rated_periods[cardinality(rated_periods)],
+                                                           slots, at);
+            IF rated_taken[cardinality(rated_taken)] < slots THEN
+                -- held back by the limit: its workers hear when claims are
+                -- free again (the background worker, src/rate.rs)
+                PERFORM baton._wake_scheduler(baton._rate_wake_at(q.name, rated_periods[cardinality(rated_periods)], at));
+            END IF;
+            slots := rated_taken[cardinality(rated_taken)];
         END IF;
         CONTINUE WHEN slots <= 0;
         IF q.per_key_concurrency IS NOT NULL THEN
@@ -2183,31 +2226,50 @@ DECLARE
     seen text[] := '{}';
     allowed integer[] := '{}';
     k integer;
-    passed integer := 0;
+    read integer := 0;
+    at_limit text[];
     claimed_now bigint[];
 BEGIN
+    -- The keys at their limit now, from the queue's leases (steps_flow):
+    -- the walk passes over their steps without a look. (Not under the keys'
+    -- locks: a key that frees meanwhile waits for the next claim; the keys
+    -- this claim admits are counted under their locks below.)
+    at_limit := ARRAY(SELECT s.flow_key FROM baton.steps s
+                   WHERE s.status = 'running' AND s.queue = _claim_keyed.queue AND s.flow_key IS NOT NULL
+                   GROUP BY s.flow_key HAVING count(*) >= per_key);
     FOR c IN
         SELECT r.ctid, r.run_id, r.flow_key AS key
           FROM baton.steps r
          WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
          ORDER BY r.priority DESC, r.run_at, r.step_id
+         -- (at most `want` chosen and 1,000 passed over; the limit also
+         -- makes the plan the ordered scan of steps_ready)
+         LIMIT want + 1000
     LOOP
-        -- (no key yet: made while configure_queue gave the queue its key)
-        key := coalesce(c.key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path));
-        IF key <> '' THEN
-            SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
-            IF allowed[k] <= 0 THEN
-                passed := passed + 1;
-                EXIT WHEN passed >= 200;
-                CONTINUE;
+        read := read + 1;
+        -- (simple expressions where it can: this loop runs per step)
+        key := c.key;
+        IF key IS NULL THEN  -- made while configure_queue gave the queue its key
+            key := baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path);
+        END IF;
+        IF key <> '' AND key = ANY (at_limit) THEN
+            CONTINUE;
+        ELSIF key <> '' THEN
+            k := array_position(seen, key);
+            IF k IS NULL THEN  -- a key new to this claim: counted now
+                seen := seen || key;
+                allowed := allowed || baton._key_free(_claim_keyed.queue, key, per_key);
+                k := cardinality(seen);
             END IF;
+            CONTINUE WHEN allowed[k] <= 0;
             allowed[k] := allowed[k] - 1;
         END IF;
         chosen := chosen || c.ctid;
         EXIT WHEN cardinality(chosen) >= want;
     END LOOP;
 
-    IF passed >= 200 AND cardinality(chosen) < want THEN
+    -- Short, and the walk did not reach the end of the ready steps: key by key.
+    IF cardinality(chosen) < want AND read >= want + 1000 THEN
         FOR key IN
             WITH RECURSIVE keys(key) AS (
                 SELECT (SELECT min(r.flow_key) FROM baton.steps r
@@ -2216,12 +2278,17 @@ BEGIN
                 SELECT (SELECT min(r.flow_key) FROM baton.steps r
                          WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key > keys.key)
                   FROM keys WHERE keys.key IS NOT NULL)
-            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL
+            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL AND NOT (keys.key = ANY (at_limit))
         LOOP
             IF key = '' THEN
                 k := NULL;
             ELSE
-                SELECT * INTO seen, allowed, k FROM baton._count_key(_claim_keyed.queue, key, per_key, seen, allowed);
+                k := array_position(seen, key);
+                IF k IS NULL THEN
+                    seen := seen || key;
+                    allowed := allowed || baton._key_free(_claim_keyed.queue, key, per_key);
+                    k := cardinality(seen);
+                END IF;
                 CONTINUE WHEN allowed[k] <= 0;
             END IF;
             chosen := chosen || ARRAY(
@@ -2264,19 +2331,6 @@ BEGIN
     )
     SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
     RETURN coalesce(claimed_now, '{}');
-END $$;
-
--- sql/flow.sql
-CREATE OR REPLACE FUNCTION _count_key(queue text, key text, per_key integer, INOUT seen text[], INOUT allowed integer[],
-                           OUT k integer)
-LANGUAGE plpgsql AS $$
-BEGIN
-    k := array_position(seen, key);
-    IF k IS NULL THEN
-        seen := seen || key;
-        allowed := allowed || baton._key_free(queue, key, per_key);
-        k := cardinality(seen);
-    END IF;
 END $$;
 
 -- sql/flow.sql
@@ -2541,8 +2595,10 @@ BEGIN
     PERFORM baton._create_steps(ARRAY[new_id], wf.definition,
                                 CASE WHEN src.queue IS DISTINCT FROM wf.definition ->> 'queue' THEN src.queue END,
                                 src.priority, now());
+    -- (no finished_at: the fork did not run them, and queue_stats does not
+    -- count them as completed)
     UPDATE baton.steps t
-       SET status = 'succeeded', output = o.output, waiting_on = 0, finished_at = now()
+       SET status = 'succeeded', output = o.output, waiting_on = 0
       FROM baton.steps o
      WHERE t.run_id = new_id AND t.step_no = ANY (copied)
        AND o.run_id = src.id AND o.name = t.name AND o.map_index IS NULL;
@@ -2604,6 +2660,13 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Cancel it first, or pass force => true to cancel and delete it.';
     END IF;
+    -- a child run whose end its parent has not taken yet (a signal, done
+    -- within milliseconds): its parent's step would lose its result
+    IF NOT coalesce(force, false) AND EXISTS (SELECT FROM baton.run_signals g WHERE g.from_run = id) THEN
+        RAISE EXCEPTION 'cannot delete_workflow: the parent of workflow run % has not taken its result yet', id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Try again in a moment, or pass force => true (the parent''s step then runs its child again).';
+    END IF;
     -- its descendants, whose locks come after its own (a transition only
     -- ever tries a parent's lock, never waits for it: sql/child.sql)
     family := ARRAY(WITH RECURSIVE d(id) AS (
@@ -2632,6 +2695,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     RETURN baton._delete_runs(ARRAY(SELECT r.id FROM baton.runs r
                                       WHERE r.finished_at < cutoff
+                                        -- (a child whose parent has not taken its end yet: next time)
+                                        AND NOT EXISTS (SELECT FROM baton.run_signals g WHERE g.from_run = r.id)
                                       ORDER BY r.finished_at
                                       LIMIT batch
                                         FOR UPDATE SKIP LOCKED));
@@ -2702,8 +2767,7 @@ BEGIN
                    AND s.finished_at > at - interval '1 hour') AS failed,
                (SELECT count(*) FROM baton.steps s
                  WHERE s.queue = q.name AND s.status = 'succeeded' AND s.finished_at IS NOT NULL
-                   AND s.finished_at > at - interval '1 minute'
-                   AND s.attempt > 0) AS completed  -- (a fork's copies were not run)
+                   AND s.finished_at > at - interval '1 minute') AS completed
           FROM finished_queues q
     ), names AS (
         SELECT c.name FROM baton.queues c
@@ -2805,7 +2869,8 @@ ALTER FUNCTION _fire_timers() SET jit = off SET max_parallel_workers_per_gather 
 
 -- Statistics read only the live part of steps and a recent range of
 -- steps_finished (sql/stats.sql), whatever the statistics say.
-ALTER FUNCTION _queue_stats() SET enable_seqscan = off SET jit = off SET max_parallel_workers_per_gather = 0;
+ALTER FUNCTION _queue_stats() SET enable_seqscan = off SET jit = off SET max_parallel_workers_per_gather = 0
+    SET plan_cache_mode = force_generic_plan;
 
 -- sql/views.sql
 -- Read-only views for people and dashboards. States are shown as text.

@@ -35,4 +35,5 @@ ALTER FUNCTION _fire_timers() SET jit = off SET max_parallel_workers_per_gather 
 
 -- Statistics read only the live part of steps and a recent range of
 -- steps_finished (sql/stats.sql), whatever the statistics say.
-ALTER FUNCTION _queue_stats() SET enable_seqscan = off SET jit = off SET max_parallel_workers_per_gather = 0;
+ALTER FUNCTION _queue_stats() SET enable_seqscan = off SET jit = off SET max_parallel_workers_per_gather = 0
+    SET plan_cache_mode = force_generic_plan;

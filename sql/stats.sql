@@ -42,8 +42,7 @@ BEGIN
                    AND s.finished_at > at - interval '1 hour') AS failed,
                (SELECT count(*) FROM baton.steps s
                  WHERE s.queue = q.name AND s.status = 'succeeded' AND s.finished_at IS NOT NULL
-                   AND s.finished_at > at - interval '1 minute'
-                   AND s.attempt > 0) AS completed  -- (a fork's copies were not run)
+                   AND s.finished_at > at - interval '1 minute') AS completed
           FROM finished_queues q
     ), names AS (
         SELECT c.name FROM baton.queues c

@@ -42,7 +42,8 @@ BEGIN
                  (SELECT min(s.run_at) FROM baton.steps s WHERE s.status = 'waiting'),
                  (SELECT min(r.deadline) FROM baton.runs r WHERE r.deadline IS NOT NULL AND r.finished_at IS NULL),
                  (SELECT min(c.next_run_at) FROM baton.schedule_entries c WHERE NOT c.paused),
-                 (SELECT min(g.created_at) FROM baton.run_signals g));
+                 (SELECT min(g.created_at) FROM baton.run_signals g),
+                 baton._rate_next_wake());
 END $$;
 
 -- Fire what is due, a bounded batch of each kind. Returns what it did and
@@ -158,6 +159,14 @@ BEGIN
         ticks := baton._fire_schedules(at, batch);
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: firing schedules failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+
+    -- 6. Rate-limited queues whose claims are free again (src/rate.rs):
+    --    their workers are told.
+    BEGIN
+        SELECT woken + count(*) INTO woken FROM (SELECT pg_notify('baton_ready', q) FROM baton._rate_due(clock_timestamp()) q) n;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_baton: waking rate-limited queues failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
     next := baton._next_due();

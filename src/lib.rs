@@ -60,9 +60,21 @@ extension_sql_file!("../sql/tick.sql", name = "tick", requires = ["timer"]);
 extension_sql_file!(
     "../sql/flow.sql",
     name = "flow",
-    requires = ["tick", rate::rate_take, rate::rate_give_back, rate::rate_used]
+    requires = [
+        "tick",
+        rate::rate_take,
+        rate::rate_give_back,
+        rate::rate_used,
+        rate::rate_wake_at,
+        rate::rate_due,
+        rate::rate_next_wake
+    ]
 );
-extension_sql_file!("../sql/operation.sql", name = "operation", requires = ["flow"]);
+extension_sql_file!(
+    "../sql/operation.sql",
+    name = "operation",
+    requires = ["flow"]
+);
 extension_sql_file!("../sql/stats.sql", name = "stats", requires = ["operation"]);
 extension_sql_file!("../sql/graph.sql", name = "graph", requires = ["stats"]);
 extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["graph"]);

@@ -13,6 +13,11 @@
 //! window of that length), and one is counted at most period/64 longer than
 //! it has to: a queue that is always behind gets at least 64/65 of its limit.
 //!
+//! A claim that the limit held back asks for a wake-up (`_rate_wake_at`): when
+//! the oldest counted claims leave the window, the background worker tells
+//! the queue's workers (NOTIFY baton_ready, `_rate_due`), so that a worker
+//! that came back short does not wait for its next poll.
+//!
 //! The window starts empty when PostgreSQL starts (shared memory does not
 //! survive a restart); claims that a rolled-back transaction took are not
 //! given back (they count, and so the limit holds). Times are PostgreSQL
@@ -29,6 +34,8 @@ const QUEUES: usize = 128;
 const BUCKETS: i64 = 64;
 /// Ring of buckets per queue: more than the live ones (BUCKETS + 2).
 const RING: usize = 72;
+/// Queue names are at most 200 bytes (sql/schema.sql, _check_length).
+const NAME: usize = 200;
 
 #[derive(Clone, Copy)]
 struct Window {
@@ -38,6 +45,10 @@ struct Window {
     period_us: i64,
     /// The newest bucket written: a window whose newest bucket is over is free.
     newest: i64,
+    /// When its workers are to be told that claims are free again (0: no).
+    wake_at: i64,
+    name_len: usize,
+    name: [u8; NAME],
     bucket: [i64; RING],
     count: [u32; RING],
 }
@@ -48,9 +59,25 @@ impl Window {
         queue: 0,
         period_us: 0,
         newest: i64::MIN,
+        wake_at: 0,
+        name_len: 0,
+        name: [0; NAME],
         bucket: [i64::MIN; RING],
         count: [0; RING],
     };
+
+    fn new(database: u32, queue: u64, name: &str, period_us: i64) -> Window {
+        let mut w = Window {
+            database,
+            queue,
+            period_us,
+            ..Window::FREE
+        };
+        let bytes = &name.as_bytes()[..name.len().min(NAME)];
+        w.name[..bytes.len()].copy_from_slice(bytes);
+        w.name_len = bytes.len();
+        w
+    }
 
     fn width(period_us: i64) -> i64 {
         (period_us + BUCKETS - 1) / BUCKETS
@@ -63,6 +90,21 @@ impl Window {
 
     fn is_over(&self, at: i64) -> bool {
         self.database == 0 || self.newest <= self.oldest_dead(at)
+    }
+
+    /// When the oldest counted claims leave the window (`at` if none).
+    fn next_free(&self, at: i64) -> i64 {
+        let dead = self.oldest_dead(at);
+        let width = Self::width(self.period_us);
+        (0..RING)
+            .filter(|&i| self.bucket[i] > dead && self.count[i] > 0)
+            .map(|i| self.bucket[i] * width + self.period_us)
+            .min()
+            .unwrap_or(at)
+    }
+
+    fn name(&self) -> String {
+        String::from_utf8_lossy(&self.name[..self.name_len]).into_owned()
     }
 
     fn used(&self, at: i64) -> i64 {
@@ -122,24 +164,17 @@ fn window<'a>(w: &'a mut Windows, queue: &str, period_us: i64, at: i64) -> Optio
     {
         Some(i) => i,
         None => {
-            let i = w.queues.iter().position(|q| q.is_over(at))?;
-            w.queues[i] = Window {
-                database,
-                queue: key,
-                period_us,
-                ..Window::FREE
-            };
+            let i = w
+                .queues
+                .iter()
+                .position(|q| q.is_over(at) && q.wake_at <= at)?;
+            w.queues[i] = Window::new(database, key, queue, period_us);
             i
         }
     };
     let q = &mut w.queues[i];
     if q.period_us != period_us {
-        *q = Window {
-            database,
-            queue: key,
-            period_us,
-            ..Window::FREE
-        };
+        *q = Window::new(database, key, queue, period_us);
     }
     Some(q)
 }
@@ -221,4 +256,64 @@ fn rate_used(queue: &str, period_us: i64, at: pgrx::datum::TimestampWithTimeZone
         .iter()
         .find(|q| q.database == database && q.queue == key && q.period_us == period_us)
         .map_or(0, |q| q.used(at))
+}
+
+/// The limit held a claim of `queue` back at `at`: tell its workers when
+/// claims are free again. Returns that time (for `_wake_scheduler`).
+#[pg_extern(volatile, parallel_unsafe, name = "_rate_wake_at")]
+fn rate_wake_at(
+    queue: &str,
+    period_us: i64,
+    at: pgrx::datum::TimestampWithTimeZone,
+) -> Option<pgrx::datum::TimestampWithTimeZone> {
+    require_shared();
+    let at: i64 = at.into_inner();
+    let mut w = WINDOWS.exclusive();
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let key = queue_hash(queue);
+    let q = w
+        .queues
+        .iter_mut()
+        .find(|q| q.database == database && q.queue == key && q.period_us == period_us)?;
+    let free = q.next_free(at);
+    if q.wake_at == 0 || free < q.wake_at {
+        q.wake_at = free;
+    }
+    pgrx::datum::TimestampWithTimeZone::try_from(free).ok()
+}
+
+/// The background worker: the queues of this database whose claims are
+/// free again by `at` (their wake-ups are done: cleared).
+#[pg_extern(volatile, parallel_unsafe, name = "_rate_due")]
+fn rate_due(at: pgrx::datum::TimestampWithTimeZone) -> SetOfIterator<'static, String> {
+    if !SHARED.load(Ordering::Relaxed) {
+        return SetOfIterator::new(Vec::new());
+    }
+    let at: i64 = at.into_inner();
+    let mut w = WINDOWS.exclusive();
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut due = Vec::new();
+    for q in w.queues.iter_mut() {
+        if q.database == database && q.wake_at != 0 && q.wake_at <= at {
+            q.wake_at = 0;
+            due.push(q.name());
+        }
+    }
+    SetOfIterator::new(due)
+}
+
+/// The soonest wake-up of this database's rate-limited queues, if any.
+#[pg_extern(volatile, parallel_unsafe, name = "_rate_next_wake")]
+fn rate_next_wake() -> Option<pgrx::datum::TimestampWithTimeZone> {
+    if !SHARED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let w = WINDOWS.share();
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    w.queues
+        .iter()
+        .filter(|q| q.database == database && q.wake_at != 0)
+        .map(|q| q.wake_at)
+        .min()
+        .and_then(|at| pgrx::datum::TimestampWithTimeZone::try_from(at).ok())
 }

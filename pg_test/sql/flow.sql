@@ -51,6 +51,13 @@ SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_rated', array_fill('{}':
 SELECT count(*) AS up_to_the_limit FROM baton.claim_steps('fl-w', ARRAY[:'rq'], 10);
 SELECT count(*) AS at_the_limit FROM baton.claim_steps('fl-w', ARRAY[:'rq'], 10);
 SELECT ready, running, rate_limit, rate_period, rate_used FROM baton.queue_stats WHERE queue = :'rq';
+-- held back, the claim asked for a wake-up when claims are free again (an
+-- hour after the first ones, within 1/64 of it): the background worker's
+-- timers then tell the queue's workers (NOTIFY baton_ready), once
+SELECT baton._rate_next_wake() BETWEEN now() + interval '1 hour' AND now() + interval '1 hour 2 minutes' AS wake_in_an_hour;
+SELECT count(*) AS due_now FROM baton._rate_due(now());
+SELECT q = :'rq' AS due_then FROM baton._rate_due(now() + interval '1 hour 2 minutes') q;
+SELECT count(*) AS told_once FROM baton._rate_due(now() + interval '1 hour 2 minutes');
 -- raising the limit lets the rest through
 SELECT baton.configure_queue(:'rq', rate_limit => 100, rate_period => '1 hour');
 SELECT count(*) AS after_raise FROM baton.claim_steps('fl-w', ARRAY[:'rq'], 10);
@@ -88,6 +95,19 @@ SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', array_fill('{"te
 SELECT count(*) AS paused_claim FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 100);
 SELECT baton.configure_queue('fl_key_q', concurrency_key => '$.tenant', per_key_concurrency => 1);
 SELECT count(*) AS unpaused_claim FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 100);
+SELECT cancel_unfinished_runs();
+
+-- 5a. A completion hands its slot to the next step of its run (the same
+--     key), one for one: a chain moves on at the key's limit, a fan-out
+--     hands off one step and leaves the other ready.
+SELECT baton.configure_queue('fl_key_q', concurrency_key => '$.tenant', per_key_concurrency => 1);
+SELECT baton.define_workflow('fl_fan', $${"queue": "fl_key_q", "steps": [
+    {"name": "a"}, {"name": "b", "after": ["a"]}, {"name": "c", "after": ["a"]}]}$$);
+SELECT baton.enqueue_workflow('fl_fan', '{"tenant": "F"}') AS fan \gset
+SELECT step_id AS fa, lease_token AS fat FROM baton.claim_steps('fl-w', ARRAY['fl_key_q']) \gset
+SELECT step AS handed_off FROM baton.complete_and_claim(ARRAY[:fa]::bigint[], ARRAY[:'fat']::uuid[], ARRAY['{}'::jsonb], 'fl-w', ARRAY['fl_key_q'], 2);
+SELECT name, status FROM baton.steps WHERE run_id = :'fan' ORDER BY step_no;
+SELECT count(*) AS key_at_limit FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 5);
 SELECT cancel_unfinished_runs();
 
 -- 5b. One tenant's deep backlog at the head (300 steps, past the 200 the

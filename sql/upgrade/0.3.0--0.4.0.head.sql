@@ -43,6 +43,12 @@ CREATE FUNCTION "_rate_give_back"("queue" TEXT, "period_us" bigint, "n" INT, "at
 STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_give_back_wrapper';
 CREATE FUNCTION "_rate_used"("queue" TEXT, "period_us" bigint, "at" timestamp with time zone) RETURNS bigint
 STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_used_wrapper';
+CREATE FUNCTION "_rate_wake_at"("queue" TEXT, "period_us" bigint, "at" timestamp with time zone) RETURNS timestamp with time zone
+STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_wake_at_wrapper';
+CREATE FUNCTION "_rate_due"("at" timestamp with time zone) RETURNS SETOF TEXT
+STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_due_wrapper';
+CREATE FUNCTION "_rate_next_wake"() RETURNS timestamp with time zone
+STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'rate_next_wake_wrapper';
 
 -- Functions whose arguments changed (new last arguments with defaults) or
 -- that are gone (made again below, or replaced by _claim_flow).
