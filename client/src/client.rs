@@ -2,6 +2,7 @@
 
 use crate::definition::WorkflowDef;
 use crate::error::{Error, Result};
+use crate::queue::QueueConfig;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -143,19 +144,22 @@ impl Client {
             .get(0))
     }
 
+    /// Set `queue`'s concurrency limit (None: unlimited) and whether it is
+    /// paused. Every call sets every setting of the queue, so this one also
+    /// clears the flow control that pg_baton 0.4.0 added (a rate limit,
+    /// per-key concurrency): `configure_queue_with` sets those too.
     pub async fn configure_queue(
         &self,
         queue: &str,
         concurrency: Option<i32>,
         paused: bool,
     ) -> Result<()> {
-        let conn = self.pool.get().await?;
-        conn.execute(
-            "SELECT baton.configure_queue($1, $2, $3)",
-            &[&queue, &concurrency, &paused],
-        )
-        .await?;
-        Ok(())
+        let config = QueueConfig {
+            concurrency,
+            paused,
+            ..QueueConfig::default()
+        };
+        self.configure_queue_with(queue, &config).await
     }
 
     pub async fn run(&self, run_id: Uuid) -> Result<RunInfo> {

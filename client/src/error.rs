@@ -6,6 +6,10 @@ use uuid::Uuid;
 /// SQLSTATE raised by pg_baton when a lease is no longer held.
 pub const LEASE_LOST: &str = "BT001";
 
+/// SQLSTATE `object_not_in_prerequisite_state`: an operation on a run in the
+/// wrong state.
+const WRONG_STATE: &str = "55000";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The step's lease was lost (expired and reclaimed, finished, cancelled,
@@ -19,6 +23,11 @@ pub enum Error {
     /// Invalid definition or argument: SQLSTATE 22023 or 22004.
     #[error("invalid input ({code}): {message}")]
     InvalidInput { code: String, message: String },
+    /// The run is not in a state the operation works on (resuming a run
+    /// that has not failed, deleting an unfinished one without `force`):
+    /// SQLSTATE 55000. Nothing changed.
+    #[error("wrong state: {message}")]
+    WrongState { message: String },
     /// Any other error the database reported.
     #[error("database error ({code}): {message}")]
     Database { code: String, message: String },
@@ -49,6 +58,7 @@ impl Error {
         match self {
             Error::LeaseLost(_) => Some(LEASE_LOST),
             Error::NotFound(_) => Some("42704"),
+            Error::WrongState { .. } => Some(WRONG_STATE),
             Error::InvalidInput { code, .. } | Error::Database { code, .. } => Some(code),
             _ => None,
         }
@@ -116,6 +126,7 @@ impl From<tokio_postgres::Error> for Error {
         match db.code().code() {
             LEASE_LOST => Error::LeaseLost(message),
             "42704" => Error::NotFound(message),
+            WRONG_STATE => Error::WrongState { message },
             code @ ("22023" | "22004") => Error::InvalidInput {
                 code: code.to_string(),
                 message,
@@ -156,5 +167,10 @@ mod tests {
         };
         assert!(invalid.is_data_error() && !invalid.is_transient());
         assert!(!Error::LeaseLost(String::new()).is_transient());
+        let wrong = Error::WrongState {
+            message: String::new(),
+        };
+        assert_eq!(wrong.sqlstate(), Some("55000"));
+        assert!(!wrong.is_transient() && !wrong.is_data_error());
     }
 }

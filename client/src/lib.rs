@@ -25,7 +25,11 @@ mod context;
 mod definition;
 mod error;
 mod event;
+mod graph;
+mod interval;
 mod listen;
+mod operation;
+mod queue;
 mod schedule;
 mod worker;
 
@@ -34,5 +38,11 @@ pub use context::{StepContext, StepError};
 pub use definition::{Backoff, Step, WorkflowDef};
 pub use error::{Error, Result, LEASE_LOST};
 pub use event::send_event_in;
+pub use graph::{ChildRun, GraphEdge, GraphRun, GraphStep, MapCounts, WorkflowGraph};
+pub use operation::{
+    delete_in, fork_in, resume_in, retry_from_in, ForkOptions, ForkVersion, LogEntry,
+    WorkflowDefinition,
+};
+pub use queue::{KeyConcurrency, QueueConfig, QueueStats, RateLimit};
 pub use schedule::{Overlap, ScheduleInfo, ScheduleOptions};
 pub use worker::{Worker, WorkerBuilder};
