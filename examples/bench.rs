@@ -4,19 +4,31 @@
 //!
 //!   RESULT system=pg_baton workload=<W> workflows=<n> steps=<n> wall_s=<x> steps_per_s=<x> ms_per_step=<x> enqueue_per_s=<x>
 //!
-//! then one TARGET line per target, as a ratio against W0 measured in the
-//! same run. Workloads: W0 floor (one durable commit), W1 throughput, W2
-//! latency, W3 enqueue, W4 W1 with a big history, W5 wake-up, W6 W2 beside
-//! 100,000 healthy leases in another queue, W7 timer lateness (sleep steps
-//! fired by the background worker), W8 a map over 100,000 elements (and
-//! W8_base, W1's shape with as many steps), soak;
+//! (INFO lines for figures that are no workload's: comparisons, and QS), then
+//! one TARGET line per target, as a ratio against its reference measured in
+//! the same run (W0 for W1 and W2, W1 for W4 and W8, W9_base for W9_rate and
+//! W9_key, the rate limit for W9_bind). Workloads: W0 floor (one durable
+//! commit), W1 throughput, W2 latency, W3 enqueue, W4 W1 with a big history,
+//! W5 wake-up, W6 W2 beside 100,000 healthy leases in another queue, W7 timer
+//! lateness (sleep steps fired by the background worker), W8 a map over
+//! 100,000 elements (and W8_base, W1's shape with as many steps), soak;
 //! W1_py and W2_py are W1 and W2 run by the Python example worker.
+//! Flow control (sql/flow.sql), with 8 concurrent claimers (8 workers: W1's
+//! one worker makes one claim at a time): W9_base W1's workload on an
+//! unlimited queue, W9_rate with a rate limit too high to bind, W9_key with a
+//! per-key limit over 100 keys that does not bind overall, W9_bind the claim
+//! rate under a binding rate limit (400 per second); selecting W9_rate or
+//! W9_key runs W9_base too. QS: the time of `SELECT * FROM baton.queue_stats`
+//! on the fresh schema (QS_empty, first) and beside W4's history (written
+//! for QS if W4 is not run), whose steps are out of its windows; it also
+//! counts the last minute's completions, so the INFO lines say how many.
 //!
-//!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N] [--repeat N] [--py-threads N]
+//!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N] [--repeat N] [--py-threads N] [--w9-slots N] [--w9-poll-ms N]
 //!
 //! `--repeat N` runs the selection N times on a fresh schema each time, then
 //! prints a MEDIAN line per workload and per target (the median of the
-//! per-run ratios).
+//! per-run ratios). `--w9-slots` (default 8) and `--w9-poll-ms` (default 200)
+//! shape W9's 8 workers: by default each is W1's worker.
 //!
 //! `scripts/bench` runs it on a fresh release build and cluster; `scripts/test`
 //! runs `--quick` so it cannot rot.
@@ -37,6 +49,8 @@ struct Opts {
     soak_secs: u64,
     repeat: usize,
     py_threads: usize,
+    w9_slots: usize,
+    w9_poll: Duration,
 }
 
 impl Opts {
@@ -49,6 +63,8 @@ impl Opts {
             soak_secs: 600,
             repeat: 1,
             py_threads: 8,
+            w9_slots: 8,
+            w9_poll: Duration::from_millis(200),
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -81,6 +97,21 @@ impl Opts {
                         .and_then(|s| s.parse().ok())
                         .filter(|&n| n >= 1)
                         .expect("--py-threads takes a count of 1 or more")
+                }
+                "--w9-slots" => {
+                    o.w9_slots = args
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .filter(|&n| n >= 1)
+                        .expect("--w9-slots takes a count of 1 or more")
+                }
+                "--w9-poll-ms" => {
+                    o.w9_poll = args
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .filter(|&n| n >= 1)
+                        .map(Duration::from_millis)
+                        .expect("--w9-poll-ms takes a count of 1 or more")
                 }
                 other => panic!("unknown argument {other}; see the header of examples/bench.rs"),
             }
@@ -186,6 +217,10 @@ async fn main() {
 /// The selected workloads once, each figure printed as it is taken, then the
 /// targets as ratios within this run.
 async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
+    let mut qs_empty = None;
+    if o.runs("QS") {
+        qs_empty = Some(queue_stats_time(o, admin, "QS_empty", "a fresh schema").await);
+    }
     let mut w0 = (None, None);
     if o.runs("W0") {
         w0.0 = Some(floor(o, 1).await);
@@ -194,6 +229,41 @@ async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
     let mut w1 = None;
     if o.runs("W1") || o.runs("W4") {
         w1 = Some(throughput(o, client, "W1").await);
+    }
+    let (mut w9_base, mut w9_rate, mut w9_key, mut w9_bind) = (None, None, None, None);
+    if o.runs("W9_BASE") || o.runs("W9_RATE") || o.runs("W9_KEY") {
+        let plain = |i: usize| json!({ "i": i % 500 });
+        let base = flow_throughput(o, client, "W9_base", "bench_w9_base", Flow::NONE, plain).await;
+        if let Some(w1) = w1 {
+            println!(
+                "INFO W9_base ({W9_CLAIMERS} workers of {} slots, each its own claimer) steps per s {:.1} is {:.0}% of W1 (one worker of 8 slots: one claimer) {:.1}",
+                o.w9_slots,
+                base.steps_per_s(),
+                100.0 * base.steps_per_s() / w1.steps_per_s(),
+                w1.steps_per_s()
+            );
+        }
+        w9_base = Some(base);
+    }
+    if o.runs("W9_RATE") {
+        // a million claims per second: never reached
+        let flow = Flow {
+            rate: Some((1_000_000, 1.0)),
+            key: None,
+        };
+        let plain = |i: usize| json!({ "i": i % 500 });
+        w9_rate = Some(flow_throughput(o, client, "W9_rate", "bench_w9_rate", flow, plain).await);
+    }
+    if o.runs("W9_KEY") {
+        let flow = Flow {
+            rate: None,
+            key: Some(("$.tenant", W9_PER_KEY)),
+        };
+        let tenant = |i: usize| json!({ "tenant": i % W9_KEYS });
+        w9_key = Some(flow_throughput(o, client, "W9_key", "bench_w9_key", flow, tenant).await);
+    }
+    if o.runs("W9_BIND") {
+        w9_bind = Some(bound_rate(o, client, admin).await);
     }
     let mut w2 = None;
     if o.runs("W2") {
@@ -210,8 +280,28 @@ async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
         enqueue(o, client).await;
     }
     let mut w4 = None;
-    if o.runs("W4") {
+    if o.runs("W4") || o.runs("QS") {
+        if w1.is_none() {
+            // the history's workflow, which W1 defines
+            drop(three_steps(client, "bench_w1", String::new(), Arc::default()).await);
+        }
         fill_history(o, admin).await;
+    }
+    if let Some(empty) = qs_empty {
+        // before W4's drain, whose steps would be the last minute's too
+        let with_history = queue_stats_time(
+            o,
+            admin,
+            "QS",
+            "beside W4's history, which finished two hours ago: outside queue_stats' windows",
+        )
+        .await;
+        println!(
+            "INFO QS queue_stats beside W4's history {with_history:.3} ms against {empty:.3} ms on an empty history ({:.1} x)",
+            with_history / empty
+        );
+    }
+    if o.runs("W4") {
         w4 = Some(throughput(o, client, "W4").await);
     }
     let mut w5 = None;
@@ -327,6 +417,36 @@ async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
             ),
         );
     }
+    for (w, figure) in [("W9_RATE", w9_rate), ("W9_KEY", w9_key)] {
+        if let (Some(f), Some(base)) = (figure, w9_base) {
+            let ratio = f.steps_per_s() / base.steps_per_s();
+            record_target(w, ratio);
+            target(
+                w,
+                target_met(w, ratio),
+                &format!(
+                    "steps_per_s={:.1} is {:.0}% of W9_base {:.1} (W1 on an unlimited queue with the same {W9_CLAIMERS} claimers; >= 80%)",
+                    f.steps_per_s(),
+                    ratio * 100.0,
+                    base.steps_per_s()
+                ),
+            );
+        }
+    }
+    if let Some(ratio) = w9_bind {
+        let (limit, period) = W9_BIND_LIMIT;
+        record_target("W9_BIND", ratio);
+        target(
+            "W9_BIND",
+            target_met("W9_BIND", ratio),
+            &format!(
+                "claims per s {:.1} is {:.1}% of the limit {:.1} (within 5%)",
+                ratio * limit as f64 / period,
+                ratio * 100.0,
+                limit as f64 / period
+            ),
+        );
+    }
     if let Some(median) = w5 {
         record_target("W5", median);
         target(
@@ -353,7 +473,9 @@ fn record(workload: &str, steps_per_s: f64, ms_per_step: f64) {
 }
 
 /// A target's value in one run: W1 and W4 as a ratio to their reference (at
-/// least 1.0 and 0.9), W2 as a multiple of W0 (at most 1.5), W5 in ms (under 5).
+/// least 1.0 and 0.9), W2 as a multiple of W0 (at most 1.5), W5 in ms (under
+/// 5), W9_rate and W9_key as a ratio to W9_base (at least 0.8), W9_bind as a
+/// ratio to its rate limit (0.95 to 1.05).
 fn record_target(w: &'static str, value: f64) {
     RATIOS.with(|r| r.borrow_mut().entry(w).or_default().push(value));
 }
@@ -368,6 +490,8 @@ fn target_met(w: &str, value: f64) -> bool {
         "W7" => value <= 20.0,
         "W7_P99" => value <= 100.0,
         "W8" => value >= 0.9,
+        "W9_RATE" | "W9_KEY" => value >= 0.8,
+        "W9_BIND" => (value - 1.0).abs() <= 0.05,
         _ => value < 5.0,
     }
 }
@@ -409,6 +533,9 @@ fn print_medians(runs: usize) {
                 "W7" => "W7 median lateness ms <= 20",
                 "W7_P99" => "W7 p99 lateness ms <= 100",
                 "W8" => "W8 map items/s / W1 steps/s >= 0.9",
+                "W9_RATE" => "W9_rate/W9_base >= 0.8",
+                "W9_KEY" => "W9_key/W9_base >= 0.8",
+                "W9_BIND" => "W9_bind claims/s / rate limit within 0.95 to 1.05",
                 _ => "W5 median wake-up ms < 5",
             };
             println!(
@@ -496,12 +623,22 @@ async fn floor(o: &Opts, clients: usize) -> Figure {
 
 /// Enqueue `n` runs of `workflow` in batches through enqueue_workflows.
 async fn enqueue_many(client: &Client, workflow: &str, n: usize) -> f64 {
+    enqueue_inputs(client, workflow, n, |i| json!({ "i": i % 500 })).await
+}
+
+/// `enqueue_many` with the input of the i-th run (from 0) given by `input`.
+async fn enqueue_inputs(
+    client: &Client,
+    workflow: &str,
+    n: usize,
+    input: impl Fn(usize) -> serde_json::Value,
+) -> f64 {
     let conn = client.pool().get().await.unwrap();
     let start = Instant::now();
     let mut left = n;
     while left > 0 {
         let batch = left.min(500);
-        let inputs: Vec<serde_json::Value> = (0..batch).map(|i| json!({ "i": i })).collect();
+        let inputs: Vec<serde_json::Value> = (n - left..n - left + batch).map(&input).collect();
         conn.query_one(
             "SELECT baton.enqueue_workflows($1, $2)",
             &[&workflow, &inputs],
@@ -592,10 +729,34 @@ async fn wait_for(done: &AtomicUsize, n: usize) {
 }
 
 async fn pause(client: &Client, queue: &str, paused: bool) {
+    configure(client, queue, paused, Flow::NONE).await;
+}
+
+/// The flow control of a W9 queue (sql/flow.sql): a rate limit (claims per
+/// period, in seconds) and a per-key limit (the key's JSON path, running
+/// steps per key). configure_queue sets every setting at each call, so
+/// pausing a W9 queue gives them again.
+#[derive(Clone, Copy)]
+struct Flow {
+    rate: Option<(i32, f64)>,
+    key: Option<(&'static str, i32)>,
+}
+
+impl Flow {
+    const NONE: Flow = Flow {
+        rate: None,
+        key: None,
+    };
+}
+
+async fn configure(client: &Client, queue: &str, paused: bool, flow: Flow) {
     let conn = client.pool().get().await.unwrap();
+    let (rate_limit, rate_secs) = flow.rate.unzip();
+    let (key, per_key) = flow.key.unzip();
     conn.execute(
-        "SELECT baton.configure_queue($1, paused => $2)",
-        &[&queue, &paused],
+        "SELECT baton.configure_queue($1, paused => $2, rate_limit => $3, \
+                rate_period => make_interval(secs => $4::float8), concurrency_key => $5, per_key_concurrency => $6)",
+        &[&queue, &paused, &rate_limit, &rate_secs, &key, &per_key],
     )
     .await
     .unwrap();
@@ -621,18 +782,50 @@ where
     W: std::future::Future<Output = usize>,
     E: std::future::Future<Output = f64>,
 {
-    let running = Running::start(worker);
+    drain_with(
+        client,
+        vec![worker],
+        queue,
+        Flow::NONE,
+        done,
+        warm_up,
+        work,
+        expect,
+    )
+    .await
+}
+
+/// `drain` with several workers on one queue, and the queue's flow control
+/// kept through the pause (W9).
+#[allow(clippy::too_many_arguments)]
+async fn drain_with<W, E>(
+    client: &Client,
+    workers: Vec<baton::WorkerBuilder>,
+    queue: &str,
+    flow: Flow,
+    done: &AtomicUsize,
+    warm_up: W,
+    work: E,
+    expect: usize,
+) -> (f64, f64)
+where
+    W: std::future::Future<Output = usize>,
+    E: std::future::Future<Output = f64>,
+{
+    let running: Vec<Running> = workers.into_iter().map(Running::start).collect();
     let warm = warm_up.await;
     wait_for(done, warm).await;
-    pause(client, queue, true).await;
+    configure(client, queue, true, flow).await;
     checkpoint(&client.pool().get().await.unwrap()).await;
     let result = work.await;
     settle(client).await;
     let start = Instant::now();
-    pause(client, queue, false).await;
+    configure(client, queue, false, flow).await;
     wait_for(done, warm + expect).await;
     let wall = start.elapsed().as_secs_f64();
-    running.stop().await;
+    for r in running {
+        r.stop().await;
+    }
     (wall, result)
 }
 
@@ -654,10 +847,21 @@ async fn three_steps(
         )
         .await
         .unwrap();
+    three_step_worker(client, wf, name, done, 8)
+}
+
+/// The worker of `three_steps` with `slots` slots (W1's has 8).
+fn three_step_worker(
+    client: &Client,
+    wf: &str,
+    name: String,
+    done: Arc<AtomicUsize>,
+    slots: usize,
+) -> baton::WorkerBuilder {
     Worker::builder(client)
         .name(name)
         .queues([wf])
-        .concurrency(8)
+        .concurrency(slots)
         .poll_interval(Duration::from_millis(200))
         .handler(wf, "a", |_| async { Ok(()) })
         .handler(wf, "b", |_| async { Ok(()) })
@@ -700,6 +904,250 @@ async fn throughput_of(client: &Client, label: &str, n: usize) -> Figure {
     };
     f.print(label, "");
     f
+}
+
+/// W9: flow control (sql/flow.sql) under concurrent claimers. A Worker has
+/// at most one claim turn in flight (client/src/worker.rs), so W1's single
+/// worker with 8 slots is one claim session; W9's workloads are drained by
+/// W9_CLAIMERS workers of `--w9-slots` slots each (default 8: eight of W1's
+/// workers; 1: W1's 8 slots in all, each its own claimer, which claims one
+/// step per turn), polling every `--w9-poll-ms` (default 200, as W1's
+/// worker: a worker whose claim came back short claims again at the next
+/// poll, or when a NOTIFY says steps are ready).
+const W9_CLAIMERS: usize = 8;
+
+/// The per-key limit of W9_key: 100 keys (`{"tenant": i % 100}`) of 2
+/// running steps each, 200 in all: more than W9's workers hold at once (64
+/// slots; 8 with `--w9-slots 1`), so it binds no claim overall.
+const W9_KEYS: usize = 100;
+const W9_PER_KEY: i32 = 2;
+
+/// W9_base, W9_rate, W9_key: W1's workload (runs of three no-op steps,
+/// 2,000 of them, drained as `drain` times W1) claimed by W9's claimers,
+/// on an unlimited queue (W9_base: the reference of the other two), on a
+/// queue with a rate limit too high to bind (W9_rate), and on one with a
+/// per-key limit that does not bind overall (W9_key). A queue with flow
+/// control has every step claimed (`_complete` hands none off).
+async fn flow_throughput(
+    o: &Opts,
+    client: &Client,
+    label: &str,
+    wf: &str,
+    flow: Flow,
+    input: fn(usize) -> serde_json::Value,
+) -> Figure {
+    let n = o.n(2000, 200);
+    let done = Arc::new(AtomicUsize::new(0));
+    drop(three_steps(client, wf, String::new(), done.clone()).await); // defines wf
+                                                                      // the warm-up claims through the same path as the drain
+    configure(client, wf, false, flow).await;
+    let workers = (0..W9_CLAIMERS)
+        .map(|k| {
+            three_step_worker(
+                client,
+                wf,
+                format!("bench-{label}-{k}"),
+                done.clone(),
+                o.w9_slots,
+            )
+            .poll_interval(o.w9_poll)
+        })
+        .collect();
+    let warm = 50;
+    let (wall, enqueue_per_s) = drain_with(
+        client,
+        workers,
+        wf,
+        flow,
+        &done,
+        async {
+            enqueue_inputs(client, wf, warm, input).await;
+            warm
+        },
+        enqueue_inputs(client, wf, n, input),
+        n,
+    )
+    .await;
+    let f = Figure {
+        workflows: n,
+        steps: n * 3,
+        wall_s: wall,
+        enqueue_per_s,
+    };
+    let mut extra = format!(
+        " claimers={W9_CLAIMERS} slots_each={} poll_ms={}",
+        o.w9_slots,
+        o.w9_poll.as_millis()
+    );
+    if let Some((limit, secs)) = flow.rate {
+        extra += &format!(" rate_limit={limit} rate_period_s={secs}");
+    }
+    if let Some((key, per_key)) = flow.key {
+        extra += &format!(" concurrency_key={key} per_key_concurrency={per_key} keys={W9_KEYS}");
+    }
+    f.print(label, &extra);
+    f
+}
+
+/// The rate limit of W9_bind: claims per period (seconds).
+const W9_BIND_LIMIT: (i32, f64) = (400, 1.0);
+
+/// W9_bind: a binding rate limit (400 claims per second) over a backlog of
+/// single-step runs far larger than it lets through (20,000; 5,000 in quick
+/// mode), claimed by W9's claimers (a claimer that finds the limit used up
+/// waits for its next poll: nothing notifies it when the window frees, so
+/// the poll interval is part of the rate reached). The window starts
+/// empty, so its first period is a burst: the claims are counted after a
+/// first period of 2 s (1.5 s in quick mode), for 10 s (2.5 s), from the
+/// steps' `started_at` (the claim's transaction start, the database's
+/// clock). Two rates: the claims in the measured window over its length,
+/// and over whole multiples of the limit (from the first claim in the
+/// window to the claim that many later: a limiter that lets its claims
+/// through in bursts once per period is measured over whole periods, not
+/// a window that holds one burst more or less). Returns the latter as a
+/// ratio to the limit.
+async fn bound_rate(o: &Opts, client: &Client, admin: &tokio_postgres::Client) -> f64 {
+    let wf = "bench_w9_bind";
+    let (limit, period) = W9_BIND_LIMIT;
+    let flow = Flow {
+        rate: Some(W9_BIND_LIMIT),
+        key: None,
+    };
+    let backlog = o.n(20_000, 5_000);
+    let (first, measured) = if o.quick { (1.5, 2.5) } else { (2.0, 10.0) };
+    client
+        .define_workflow(&WorkflowDef::new(wf).queue(wf).step(Step::new("s")))
+        .await
+        .unwrap();
+    configure(client, wf, true, flow).await;
+    let enqueue_per_s = enqueue_many(client, wf, backlog).await;
+    settle(client).await;
+    checkpoint(admin).await;
+    let running: Vec<Running> = (0..W9_CLAIMERS)
+        .map(|k| {
+            Running::start(
+                Worker::builder(client)
+                    .name(format!("bench-W9_bind-{k}"))
+                    .queues([wf])
+                    .concurrency(o.w9_slots)
+                    .poll_interval(o.w9_poll)
+                    .handler(wf, "s", |_| async { Ok(()) }),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await; // connected, listening
+    configure(client, wf, false, flow).await;
+    let clock = "SELECT extract(epoch FROM clock_timestamp())::float8";
+    tokio::time::sleep(Duration::from_secs_f64(first)).await;
+    let t0: f64 = admin.query_one(clock, &[]).await.unwrap().get(0);
+    tokio::time::sleep(Duration::from_secs_f64(measured)).await;
+    let t1: f64 = admin.query_one(clock, &[]).await.unwrap().get(0);
+    for r in running {
+        r.stop().await;
+    }
+    let at: Vec<f64> = admin
+        .query(
+            "SELECT extract(epoch FROM started_at)::float8 AS t FROM baton.steps \
+              WHERE queue = $1 AND extract(epoch FROM started_at)::float8 >= $2 AND extract(epoch FROM started_at)::float8 < $3 \
+              ORDER BY t",
+            &[&wf, &t0, &t1],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM baton.steps WHERE queue = $1 AND status = 'ready'",
+            &[&wf],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .execute("DELETE FROM baton.runs WHERE workflow = $1", &[&wf])
+        .await
+        .unwrap();
+    let per_s = limit as f64 / period;
+    let claims = at.len();
+    let window_rate = claims as f64 / (t1 - t0);
+    // whole multiples of the limit: claims 0 and k * limit of the window
+    let whole = (claims.saturating_sub(1) / limit as usize) * limit as usize;
+    let aligned_rate = if whole > 0 {
+        whole as f64 / (at[whole] - at[0])
+    } else {
+        window_rate
+    };
+    record("W9_bind", aligned_rate, 1000.0 / aligned_rate);
+    println!(
+        "RESULT system=pg_baton workload=W9_bind workflows={claims} steps={claims} wall_s={:.3} steps_per_s={aligned_rate:.1} \
+         ms_per_step={:.3} enqueue_per_s={enqueue_per_s:.1} rate_limit={limit} rate_period_s={period} limit_per_s={per_s:.1} \
+         claims_per_s_window={window_rate:.1} claims_per_s_whole_limits={aligned_rate:.1} whole_limits_claims={whole} \
+         claimers={W9_CLAIMERS} slots_each={} poll_ms={} backlog={backlog} ready_left={left}",
+        t1 - t0,
+        1000.0 / aligned_rate,
+        o.w9_slots,
+        o.w9_poll.as_millis()
+    );
+    if left == 0 {
+        println!("INFO W9_bind the backlog ran out: the rate was not bound by the limit alone");
+    }
+    aligned_rate / per_s
+}
+
+/// QS: `SELECT * FROM baton.queue_stats` on one session: the first call
+/// (which plans the function's query), then, after five more (PL/pgSQL plans
+/// a statement anew for its first five runs, then keeps a generic plan if it
+/// is no worse), the median of `o.n(25, 9)` calls: what a dashboard polling
+/// on a pooled connection pays. `what` says which history it ran beside.
+async fn queue_stats_time(
+    o: &Opts,
+    admin: &tokio_postgres::Client,
+    label: &str,
+    what: &str,
+) -> f64 {
+    let stmt = admin
+        .prepare("SELECT * FROM baton.queue_stats")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let rows = admin.query(&stmt, &[]).await.unwrap();
+    let first = start.elapsed().as_secs_f64() * 1000.0;
+    let last_minute: i64 = rows
+        .iter()
+        .map(|r| r.get::<_, i64>("completed_last_minute"))
+        .sum();
+    let rows = rows.len();
+    for _ in 0..5 {
+        admin.query(&stmt, &[]).await.unwrap();
+    }
+    let calls = o.n(25, 9);
+    let mut ms = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        admin.query(&stmt, &[]).await.unwrap();
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (min, max) = ms
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let m = median(ms);
+    let counts = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE finished_at IS NOT NULL), \
+                    count(*) FILTER (WHERE finished_at > clock_timestamp() - interval '1 hour') FROM baton.steps",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (finished, last_hour): (i64, i64) = (counts.get(0), counts.get(1));
+    record(label, 0.0, m);
+    println!(
+        "INFO {label} queue_stats median_ms={m:.3} min_ms={min:.3} max_ms={max:.3} calls={calls} first_call_ms={first:.3} queues={rows} completed_last_minute={last_minute} \
+         finished_steps={finished} finished_last_hour={last_hour} ({what})"
+    );
+    m
 }
 
 /// W2: one workflow of 200 sequential steps, one worker.
@@ -1076,7 +1524,10 @@ async fn enqueue(o: &Opts, client: &Client) {
 
 /// W4's history: finished runs of bench_w1 (3 steps each) written straight
 /// into the tables, 1,000,000 steps in all. As in real history, a few steps
-/// (1 in 100) succeeded at the second attempt: the first is in `attempts`.
+/// (1 in 100) succeeded at the second attempt: the first is in `attempts`;
+/// and it is old: it finished two hours ago, outside queue_stats' windows
+/// of the last minute and hour (QS measures queue_stats beside it). All of
+/// its times are the same, as when they were now(): W4's claims read none.
 async fn fill_history(o: &Opts, admin: &tokio_postgres::Client) {
     let runs = (o.n(1_000_000, 60_000) / 3) as i64;
     let start = Instant::now();
@@ -1085,17 +1536,17 @@ async fn fill_history(o: &Opts, admin: &tokio_postgres::Client) {
             "WITH g AS MATERIALIZED (SELECT gen_random_uuid() AS id, n FROM generate_series(1, $1::bigint) n),
              r AS (
                INSERT INTO baton.runs (id, workflow, version, status, queue, input, output, created_at, started_at, finished_at)
-               SELECT g.id, 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', now(), now(), now() FROM g),
+               SELECT g.id, 'bench_w1', 1, 'succeeded', 'bench_w1', '{}', '{\"c\": null}', (now() - interval '2 hours'), (now() - interval '2 hours'), (now() - interval '2 hours') FROM g),
              s AS (
                INSERT INTO baton.steps (run_id, step_no, name, status, upstream, downstream, waiting_on, queue, priority,
                                         run_at, attempt, max_attempts, worker, started_at, finished_at)
                SELECT g.id, k, 'abc'::text, 'succeeded', CASE WHEN k = 0 THEN '{}' ELSE ARRAY[k - 1] END,
-                      CASE WHEN k = 2 THEN '{}' ELSE ARRAY[k + 1] END, 0, 'bench_w1', 0, now(),
-                      CASE WHEN g.n % 33 = 0 AND k = 0 THEN 2 ELSE 1 END, 3, 'history', now(), now()
+                      CASE WHEN k = 2 THEN '{}' ELSE ARRAY[k + 1] END, 0, 'bench_w1', 0, (now() - interval '2 hours'),
+                      CASE WHEN g.n % 33 = 0 AND k = 0 THEN 2 ELSE 1 END, 3, 'history', (now() - interval '2 hours'), (now() - interval '2 hours')
                  FROM g, generate_series(0, 2) k
                RETURNING run_id, step_id, attempt)
              INSERT INTO baton.attempts (run_id, step_id, attempt, step, worker, started_at, outcome, error)
-             SELECT run_id, step_id, 1, 'a', 'history', now(), 'failed', 'boom' FROM s WHERE attempt = 2",
+             SELECT run_id, step_id, 1, 'a', 'history', (now() - interval '2 hours'), 'failed', 'boom' FROM s WHERE attempt = 2",
             &[&runs],
         )
         .await
