@@ -137,10 +137,20 @@ fn timestamp_opt<'de, D: Deserializer<'de>>(
 /// seconds for a local mean time (`+00:19:32`, years before time zones).
 /// `infinity` is not read: pg_baton's timestamps are times of its runs.
 fn parse_timestamp(text: &str) -> Option<SystemTime> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .or_else(|_| chrono::DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%::z"))
-        .ok()
-        .map(SystemTime::from)
+    use chrono::DateTime;
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.into());
+    }
+    // an offset with seconds (`+HH:MM:SS`): RFC 3339 without them, then them
+    let (head, secs) = text.rsplit_once(':')?;
+    let secs: i64 = secs.parse().ok().filter(|s| (0..60).contains(s))?;
+    let sign = match head.get(head.len().checked_sub(6)?..)?.as_bytes()[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let t = DateTime::parse_from_rfc3339(head).ok()?;
+    Some((t - chrono::Duration::seconds(sign * secs)).into())
 }
 
 #[cfg(test)]
