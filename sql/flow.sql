@@ -25,7 +25,10 @@
 CREATE FUNCTION _flow_key(input jsonb, key_path jsonpath) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    RETURN coalesce(jsonb_path_query_first(input, key_path) #>> '{}', '');
+    -- (silent: a path that errs on this input, a strict path that finds
+    -- nothing or arithmetic on a string, finds no key instead of failing
+    -- every enqueue and claim of the queue)
+    RETURN coalesce(jsonb_path_query_first(input, key_path, silent => true) #>> '{}', '');
 END $$;
 
 -- The keys of new steps (of the runs `run_ids`) in queues with a per-key
@@ -245,29 +248,7 @@ BEGIN
         RETURN '{}';
     END IF;
 
-    WITH locked AS MATERIALIZED (
-        -- by ctid, the status re-checked by the lock (as in _claim_many)
-        SELECT l.ctid FROM baton.steps l
-         WHERE l.ctid = ANY (chosen) AND l.status::text = 'ready'
-           FOR UPDATE SKIP LOCKED
-    ), claimed AS (
-        UPDATE baton.steps s
-           SET status = 'running',
-               attempt = s.attempt + 1,
-               worker = _claim_keyed.worker,
-               lease_token = gen_random_uuid(),
-               lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_keyed.lease
-                                                           ELSE least(_claim_keyed.lease, s.timeout) END,
-               started_at = now(),
-               flow_key = coalesce(s.flow_key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = s.run_id),
-                                                               _claim_keyed.key_path))
-         WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
-        RETURNING s.step_id, s.run_id
-    ), started AS (
-        UPDATE baton.runs r SET status = 'running', started_at = now()
-         WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
-    )
-    SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
+    claimed_now := (baton._lease_picked(chosen, worker, lease, key_path)).step_ids;
     RETURN coalesce(claimed_now, '{}');
 END $$;
 

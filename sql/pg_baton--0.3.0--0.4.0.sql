@@ -767,30 +767,7 @@ BEGIN
                  LIMIT want) c;
         EXIT WHEN picked IS NULL;
         passed := passed || picked_ids;
-        WITH locked AS MATERIALIZED (
-            -- by ctid (a TID scan); the status test is a filter, which the
-            -- lock re-checks on a version changed since the pick (TID scans
-            -- do not re-check their ctid). Written as text so that it can
-            -- never make steps_ready the planner's path instead.
-            SELECT l.ctid FROM baton.steps l
-             WHERE l.ctid = ANY (picked) AND l.status::text = 'ready'
-               FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            UPDATE baton.steps s
-               SET status = 'running',
-                   attempt = s.attempt + 1,
-                   worker = _claim_many.worker,
-                   lease_token = gen_random_uuid(),
-                   lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_many.lease
-                                                               ELSE least(_claim_many.lease, s.timeout) END,
-                   started_at = now()
-             WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
-            RETURNING s.step_id, s.run_id, s.queue
-        ), started AS (
-            UPDATE baton.runs r SET status = 'running', started_at = now()
-             WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
-        )
-        SELECT array_agg(c.step_id), array_agg(c.queue) INTO claimed_now, claimed_queues FROM claimed c;
+        SELECT l.step_ids, l.queues INTO claimed_now, claimed_queues FROM baton._lease_picked(picked, worker, lease) l;
         leased := leased || coalesce(claimed_now, '{}');
         want := want - coalesce(cardinality(claimed_now), 0);
         EXIT WHEN want <= 0;
@@ -799,6 +776,42 @@ BEGIN
                           FROM unnest(qnames, qslots) WITH ORDINALITY AS q(name, slots, n) ORDER BY q.n);
     END LOOP;
     RETURN leased;
+END $$;
+
+-- sql/lease.sql
+CREATE OR REPLACE FUNCTION _lease_picked(picked tid[], worker text, lease interval, key_path jsonpath DEFAULT NULL,
+                              OUT step_ids bigint[], OUT queues text[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    WITH locked AS MATERIALIZED (
+        -- by ctid (a TID scan); the status test is a filter, which the
+        -- lock re-checks on a version changed since the pick (TID scans
+        -- do not re-check their ctid). Written as text so that it can
+        -- never make steps_ready the planner's path instead.
+        SELECT l.ctid FROM baton.steps l
+         WHERE l.ctid = ANY (picked) AND l.status::text = 'ready'
+           FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE baton.steps s
+           SET status = 'running',
+               attempt = s.attempt + 1,
+               worker = _lease_picked.worker,
+               lease_token = gen_random_uuid(),
+               -- from the clock, not now() (see _claim_one)
+               lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _lease_picked.lease
+                                                           ELSE least(_lease_picked.lease, s.timeout) END,
+               started_at = now(),
+               flow_key = CASE WHEN _lease_picked.key_path IS NULL OR s.flow_key IS NOT NULL THEN s.flow_key
+                               ELSE baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = s.run_id),
+                                                    _lease_picked.key_path) END
+         WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
+        RETURNING s.step_id, s.run_id, s.queue
+    ), started AS (
+        UPDATE baton.runs r SET status = 'running', started_at = now()
+         WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
+    )
+    SELECT array_agg(c.step_id), array_agg(c.queue) INTO step_ids, queues FROM claimed c;
 END $$;
 
 -- sql/lease.sql
@@ -2102,7 +2115,10 @@ END $$;
 CREATE OR REPLACE FUNCTION _flow_key(input jsonb, key_path jsonpath) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    RETURN coalesce(jsonb_path_query_first(input, key_path) #>> '{}', '');
+    -- (silent: a path that errs on this input, a strict path that finds
+    -- nothing or arithmetic on a string, finds no key instead of failing
+    -- every enqueue and claim of the queue)
+    RETURN coalesce(jsonb_path_query_first(input, key_path, silent => true) #>> '{}', '');
 END $$;
 
 -- sql/flow.sql
@@ -2307,29 +2323,7 @@ BEGIN
         RETURN '{}';
     END IF;
 
-    WITH locked AS MATERIALIZED (
-        -- by ctid, the status re-checked by the lock (as in _claim_many)
-        SELECT l.ctid FROM baton.steps l
-         WHERE l.ctid = ANY (chosen) AND l.status::text = 'ready'
-           FOR UPDATE SKIP LOCKED
-    ), claimed AS (
-        UPDATE baton.steps s
-           SET status = 'running',
-               attempt = s.attempt + 1,
-               worker = _claim_keyed.worker,
-               lease_token = gen_random_uuid(),
-               lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_keyed.lease
-                                                           ELSE least(_claim_keyed.lease, s.timeout) END,
-               started_at = now(),
-               flow_key = coalesce(s.flow_key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = s.run_id),
-                                                               _claim_keyed.key_path))
-         WHERE s.ctid = ANY (ARRAY(SELECT l.ctid FROM locked l))
-        RETURNING s.step_id, s.run_id
-    ), started AS (
-        UPDATE baton.runs r SET status = 'running', started_at = now()
-         WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
-    )
-    SELECT array_agg(c.step_id) INTO claimed_now FROM claimed c;
+    claimed_now := (baton._lease_picked(chosen, worker, lease, key_path)).step_ids;
     RETURN coalesce(claimed_now, '{}');
 END $$;
 

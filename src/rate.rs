@@ -80,12 +80,13 @@ impl Window {
     }
 
     fn width(period_us: i64) -> i64 {
-        (period_us + BUCKETS - 1) / BUCKETS
+        period_us.saturating_add(BUCKETS - 1) / BUCKETS
     }
 
     /// Buckets after this one are live at `at`.
     fn oldest_dead(&self, at: i64) -> i64 {
-        (at - self.period_us).div_euclid(Self::width(self.period_us))
+        at.saturating_sub(self.period_us)
+            .div_euclid(Self::width(self.period_us))
     }
 
     fn is_over(&self, at: i64) -> bool {
@@ -98,7 +99,11 @@ impl Window {
         let width = Self::width(self.period_us);
         (0..RING)
             .filter(|&i| self.bucket[i] > dead && self.count[i] > 0)
-            .map(|i| self.bucket[i] * width + self.period_us)
+            .map(|i| {
+                self.bucket[i]
+                    .saturating_mul(width)
+                    .saturating_add(self.period_us)
+            })
             .min()
             .unwrap_or(at)
     }
@@ -133,6 +138,12 @@ pub fn init() {
         }
     );
     SHARED.store(true, Ordering::Relaxed);
+}
+
+/// The bucket a claim at `at` is counted in: the one that ends after it.
+/// (Saturating: `at` may be any timestamp a caller passes, even infinity.)
+fn bucket_of(at: i64, period_us: i64) -> i64 {
+    at.div_euclid(Window::width(period_us)).saturating_add(1)
 }
 
 fn queue_hash(queue: &str) -> u64 {
@@ -205,7 +216,7 @@ fn rate_take(
     };
     let granted = (rate_limit as i64 - q.used(at)).clamp(0, want as i64);
     if granted > 0 {
-        let b = at.div_euclid(Window::width(period_us)) + 1;
+        let b = bucket_of(at, period_us);
         let i = b.rem_euclid(RING as i64) as usize;
         if q.bucket[i] != b {
             q.bucket[i] = b;
@@ -235,7 +246,7 @@ fn rate_give_back(queue: &str, period_us: i64, n: i32, at: pgrx::datum::Timestam
     else {
         return;
     };
-    let b = at.div_euclid(Window::width(period_us)) + 1;
+    let b = bucket_of(at, period_us);
     let i = b.rem_euclid(RING as i64) as usize;
     if q.bucket[i] == b {
         q.count[i] = q.count[i].saturating_sub(n as u32);

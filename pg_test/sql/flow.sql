@@ -136,6 +136,16 @@ SELECT count(*) AS one_item_at_a_time FROM baton.claim_steps('fl-w', ARRAY['fl_r
 SELECT baton.configure_queue('fl_rekey_q');
 SELECT name, map_index, status, flow_key FROM baton.steps WHERE run_id = :'rk' ORDER BY step_no;
 SELECT cancel_unfinished_runs();
+-- a path that errs on an input (strict and missing, arithmetic on a string)
+-- finds no key: the run is not limited, and neither enqueue nor claim fails
+SELECT baton.configure_queue('fl_rekey_q', concurrency_key => 'strict $.org.id + 1', per_key_concurrency => 1);
+SELECT baton.enqueue_workflow('fl_rekey', '{"org": {"id": "twelve"}}') IS NOT NULL AS enqueued,
+       baton.enqueue_workflow('fl_rekey', '{}') IS NOT NULL AS enqueued_too;
+SELECT flow_key, count(*) FROM baton.steps s JOIN baton.runs r ON r.id = s.run_id
+ WHERE r.workflow = 'fl_rekey' AND r.finished_at IS NULL GROUP BY flow_key;
+SELECT count(*) AS both_claimed FROM baton.claim_steps('fl-w', ARRAY['fl_rekey_q'], 10);
+SELECT cancel_unfinished_runs();
+SELECT baton.configure_queue('fl_rekey_q');
 
 -- 6. Two claimers at once (dblink): while one claims tenant A's step in an
 --    open transaction, the other does not wait for it: it passes over A and
