@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ALTER EXTENSION pg_baton UPDATE from every released version (0.1.0, 0.2.0),
+# ALTER EXTENSION pg_baton UPDATE from every released version (sql/released/),
 # with runs in flight.
 #
 #   pg_test/upgrade.sh HOST PORT

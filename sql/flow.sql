@@ -146,122 +146,162 @@ BEGIN
 END $$;
 
 -- Lease up to `want` ready steps of a queue with a per-key limit, in the
--- claim's order, passing over the steps of keys at their limit. A key is
--- counted once per claim, under its own advisory lock (tried, never waited
--- for: a key that another claim is admitting right now is passed over), so
--- two claims can never both admit the last step of one key. A run without a
--- key ('') is not limited.
+-- claim's order, passing over the steps of keys at their limit. A run without
+-- a key ('') is not limited.
 --
--- The walk in the claim's order passes over the steps of keys at their limit
--- (known from the queue's leases before it starts), reading at most 1,000 of
--- them; past them (one tenant's deep backlog at the head), it goes on key by
--- key (steps_ready_keyed: one probe per key with ready steps), in key order.
+-- A round is one statement. Its walk is a claim like _claim_one's: the next
+-- ready steps that no other claim holds (SKIP LOCKED), so that concurrent
+-- claims take different steps instead of racing for the same head. Each key
+-- it met is then counted under the key's advisory lock (_key_room), so that
+-- two claims never both admit a key's last slot; the steps each key may
+-- still run are leased. Steps turned away (their key is at its limit) stay
+-- locked by this claim to its end, as other claims would turn them away too;
+-- the next round's walk passes over their keys without a lock, a few rounds
+-- at most.
+--
+-- A deep backlog of keys at their limit (1,000 ready steps or more) would
+-- make every walk pass over all of it: then the claim goes key by key
+-- (_claim_by_key).
 CREATE FUNCTION _claim_keyed(worker text, queue text, want integer, lease interval, key_path jsonpath,
                              per_key integer) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    c record;
-    key text;
-    chosen tid[] := '{}';
-    seen text[] := '{}';
-    allowed integer[] := '{}';
-    k integer;
-    read integer := 0;
-    at_limit text[];
-    claimed_now bigint[];
+    skip text[] := '{}';        -- keys the walk passes over: seen at their limit
+    held tid[] := '{}';         -- every step this claim locked
+    leased bigint[] := '{}';
+    asked integer;
+    walked tid[];
+    now_leased bigint[];
+    full_keys text[];
+    patience integer := 5;
 BEGIN
-    -- The keys at their limit now, from the queue's leases (steps_flow):
-    -- the walk passes over their steps without a look. (Not under the keys'
-    -- locks: a key that frees meanwhile waits for the next claim; the keys
-    -- this claim admits are counted under their locks below.)
-    at_limit := ARRAY(SELECT s.flow_key FROM baton.steps s
-                   WHERE s.status = 'running' AND s.queue = _claim_keyed.queue AND s.flow_key IS NOT NULL
-                   GROUP BY s.flow_key HAVING count(*) >= per_key);
-    FOR c IN
-        SELECT r.ctid, r.run_id, r.flow_key AS key
-          FROM baton.steps r
-         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
-         ORDER BY r.priority DESC, r.run_at, r.step_id
-         -- (at most `want` chosen and 1,000 passed over; the limit also
-         -- makes the plan the ordered scan of steps_ready)
-         LIMIT want + 1000
-    LOOP
-        read := read + 1;
-        -- (simple expressions where it can: this loop runs per step)
-        key := c.key;
-        IF key IS NULL THEN  -- made while configure_queue gave the queue its key
-            key := baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = c.run_id), key_path);
+    FOR turn IN 1 .. 4 LOOP
+        asked := want - cardinality(leased);
+        WITH p AS MATERIALIZED (
+            SELECT r.ctid, r.priority, r.run_at, r.step_id,
+                   -- (NULL: made while configure_queue gave the queue its key)
+                   coalesce(r.flow_key, baton._flow_key((SELECT u.input FROM baton.runs u WHERE u.id = r.run_id),
+                                                        key_path)) AS key
+              FROM baton.steps r
+             WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
+               AND NOT coalesce(r.flow_key = ANY (skip), false) AND NOT (r.ctid = ANY (held))
+             ORDER BY r.priority DESC, r.run_at, r.step_id
+             LIMIT asked
+               FOR UPDATE SKIP LOCKED
+        ), room AS MATERIALIZED (
+            -- (in the order of the locks' keys)
+            SELECT x.key, baton._key_room(_claim_keyed.queue, x.key, per_key, patience) AS free
+              FROM (SELECT k.key FROM (SELECT DISTINCT p.key FROM p WHERE p.key <> '') k
+                     ORDER BY hashtext(_claim_keyed.queue || E'\n' || k.key)) x
+        ), judged AS MATERIALIZED (
+            SELECT r.ctid, r.key, r.key = '' OR r.rank <= coalesce(f.free, 0) AS ok
+              FROM (SELECT p.ctid, p.key,
+                           row_number() OVER (PARTITION BY p.key ORDER BY p.priority DESC, p.run_at, p.step_id) AS rank
+                      FROM p) r
+              LEFT JOIN room f ON f.key = r.key
+        ), claimed AS (
+            -- the steps are locked by the walk: by ctid, as in _claim_one
+            UPDATE baton.steps s
+               SET status = 'running',
+                   attempt = s.attempt + 1,
+                   worker = _claim_keyed.worker,
+                   lease_token = gen_random_uuid(),
+                   -- from the clock, not now() (see _claim_one)
+                   lease_expires_at = clock_timestamp() + CASE WHEN s.timeout IS NULL THEN _claim_keyed.lease
+                                                               ELSE least(_claim_keyed.lease, s.timeout) END,
+                   started_at = now(),
+                   flow_key = (SELECT j.key FROM judged j WHERE j.ctid = s.ctid)
+             WHERE s.ctid = ANY (ARRAY(SELECT j.ctid FROM judged j WHERE j.ok))
+            RETURNING s.step_id, s.run_id
+        ), started AS (
+            UPDATE baton.runs r SET status = 'running', started_at = now()
+             WHERE r.id = ANY (ARRAY(SELECT c.run_id FROM claimed c)) AND r.status = 'pending'
+        )
+        SELECT (SELECT array_agg(p.ctid) FROM p),
+               (SELECT array_agg(c.step_id) FROM claimed c),
+               (SELECT array_agg(DISTINCT j.key) FROM judged j WHERE NOT j.ok)
+          INTO walked, now_leased, full_keys;
+        -- (the first round waits a little for a key that another claim is
+        -- admitting: passing over its steps would make this claim walk on)
+        patience := 0;
+        EXIT WHEN walked IS NULL;
+        held := held || walked;
+        leased := leased || coalesce(now_leased, '{}');
+        -- done, or no ready step is left that no other claim holds
+        EXIT WHEN cardinality(leased) >= want OR cardinality(walked) < asked;
+        skip := skip || full_keys;
+        -- The keys at their limit with a deep backlog of ready steps: the
+        -- next walk would pass over all of it.
+        IF (SELECT count(*) FROM (SELECT FROM unnest(skip) AS x(key)
+                                   CROSS JOIN LATERAL (SELECT FROM baton.steps r
+                                                        WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue
+                                                          AND r.flow_key = x.key LIMIT 1000) r
+                                   LIMIT 1000) d) >= 1000 THEN
+            RETURN leased || baton._claim_by_key(worker, queue, want - cardinality(leased), lease, per_key, skip);
         END IF;
-        IF key <> '' AND key = ANY (at_limit) THEN
-            CONTINUE;
-        ELSIF key <> '' THEN
-            k := array_position(seen, key);
-            IF k IS NULL THEN  -- a key new to this claim: counted now
-                seen := seen || key;
-                allowed := allowed || baton._key_free(_claim_keyed.queue, key, per_key);
-                k := cardinality(seen);
-            END IF;
-            CONTINUE WHEN allowed[k] <= 0;
-            allowed[k] := allowed[k] - 1;
-        END IF;
-        chosen := chosen || c.ctid;
-        EXIT WHEN cardinality(chosen) >= want;
     END LOOP;
-
-    -- Short, and the walk did not reach the end of the ready steps: key by key.
-    IF cardinality(chosen) < want AND read >= want + 1000 THEN
-        FOR key IN
-            WITH RECURSIVE keys(key) AS (
-                SELECT (SELECT min(r.flow_key) FROM baton.steps r
-                         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key IS NOT NULL)
-                UNION ALL
-                SELECT (SELECT min(r.flow_key) FROM baton.steps r
-                         WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key > keys.key)
-                  FROM keys WHERE keys.key IS NOT NULL)
-            SELECT keys.key FROM keys WHERE keys.key IS NOT NULL AND NOT (keys.key = ANY (at_limit))
-        LOOP
-            IF key = '' THEN
-                k := NULL;
-            ELSE
-                k := array_position(seen, key);
-                IF k IS NULL THEN
-                    seen := seen || key;
-                    allowed := allowed || baton._key_free(_claim_keyed.queue, key, per_key);
-                    k := cardinality(seen);
-                END IF;
-                CONTINUE WHEN allowed[k] <= 0;
-            END IF;
-            chosen := chosen || ARRAY(
-                SELECT r.ctid FROM baton.steps r
-                 WHERE r.status = 'ready' AND r.queue = _claim_keyed.queue AND r.flow_key = key
-                   AND NOT (r.ctid = ANY (chosen))
-                 ORDER BY r.priority DESC, r.run_at, r.step_id
-                 LIMIT least(coalesce(allowed[k], want), want - cardinality(chosen)));
-            IF k IS NOT NULL THEN
-                allowed[k] := 0;  -- (its head was taken up to its allowance)
-            END IF;
-            EXIT WHEN cardinality(chosen) >= want;
-        END LOOP;
-    END IF;
-    IF cardinality(chosen) = 0 THEN
-        RETURN '{}';
-    END IF;
-
-    claimed_now := (baton._lease_picked(chosen, worker, lease, key_path)).step_ids;
-    RETURN coalesce(claimed_now, '{}');
+    RETURN leased;
 END $$;
 
--- How many more steps of `key` may run now: 0 when another claim is
--- admitting it at this moment (its lock is held). A statement of its own
--- after the lock, so that its snapshot sees the leases of the claim that
--- held it.
-CREATE FUNCTION _key_free(queue text, key text, per_key integer) RETURNS integer
-LANGUAGE plpgsql AS $$
+-- How many more steps of `key` may run now, counted under the key's advisory
+-- lock, held to the end of the transaction. The lock is tried, and tried
+-- again after a millisecond up to `patience` times, never waited for: a
+-- claim admitting the key holds it only to its commit, but a transaction
+-- that claimed and stays open holds it to its end, and no claim may hang
+-- behind that (nor wait in a cycle with another claim); 0 when it is still
+-- held. VOLATILE, so that its count, a statement after the lock, has a
+-- snapshot of its own that sees the leases of every claim that held the
+-- lock before, also when it is called from a statement that began earlier.
+CREATE FUNCTION _key_room(queue text, key text, per_key integer, patience integer) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(1651797603, hashtext(queue || E'\n' || key)) THEN
-        RETURN 0;
-    END IF;
+    FOR i IN 0 .. patience LOOP
+        EXIT WHEN pg_try_advisory_xact_lock(1651797603, hashtext(queue || E'\n' || key));
+        IF i = patience THEN
+            RETURN 0;
+        END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
     RETURN per_key - (SELECT count(*) FROM baton.steps s
-                       WHERE s.status = 'running' AND s.queue = _key_free.queue AND s.flow_key = _key_free.key);
+                       WHERE s.status = 'running' AND s.queue = _key_room.queue AND s.flow_key = _key_room.key);
+END $$;
+
+-- _claim_keyed over a deep backlog of keys at their limit: every other key
+-- with ready steps (one probe of steps_ready_keyed per key, at most 1,000
+-- keys, in key order), counted as in _claim_keyed (tried, not waited for);
+-- the head of each key up to what it may run; the best `want` of those heads
+-- in the claim's order, leased if no other claim took them meanwhile (SKIP
+-- LOCKED).
+CREATE FUNCTION _claim_by_key(worker text, queue text, want integer, lease interval, per_key integer,
+                              skip text[]) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    chosen tid[];
+BEGIN
+    WITH RECURSIVE k(key) AS (
+        SELECT (SELECT min(r.flow_key) FROM baton.steps r
+                 WHERE r.status = 'ready' AND r.queue = _claim_by_key.queue AND r.flow_key IS NOT NULL)
+        UNION ALL
+        SELECT (SELECT min(r.flow_key) FROM baton.steps r
+                 WHERE r.status = 'ready' AND r.queue = _claim_by_key.queue AND r.flow_key > k.key)
+          FROM k WHERE k.key IS NOT NULL
+    ), room AS MATERIALIZED (
+        SELECT x.key, CASE WHEN x.key = '' THEN want ELSE baton._key_room(_claim_by_key.queue, x.key, per_key, 0) END AS free
+          FROM (SELECT k.key FROM k WHERE k.key IS NOT NULL AND NOT (k.key = ANY (skip)) LIMIT 1000) x
+    )
+    SELECT array_agg(h.ctid ORDER BY h.priority DESC, h.run_at, h.step_id) INTO chosen
+      FROM (SELECT h.* FROM room f
+             CROSS JOIN LATERAL (
+                   SELECT r.ctid, r.priority, r.run_at, r.step_id FROM baton.steps r
+                    WHERE r.status = 'ready' AND r.queue = _claim_by_key.queue AND r.flow_key = f.key
+                    ORDER BY r.priority DESC, r.run_at, r.step_id
+                    LIMIT greatest(least(f.free, want), 0)) h
+             ORDER BY h.priority DESC, h.run_at, h.step_id
+             LIMIT want) h;
+    IF chosen IS NULL THEN
+        RETURN '{}';
+    END IF;
+    RETURN coalesce((baton._lease_picked(chosen, worker, lease)).step_ids, '{}');
 END $$;

@@ -110,14 +110,25 @@ SELECT name, status FROM baton.steps WHERE run_id = :'fan' ORDER BY step_no;
 SELECT count(*) AS key_at_limit FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 5);
 SELECT cancel_unfinished_runs();
 
--- 5b. One tenant's deep backlog at the head (300 steps, past the 200 the
---     claim's walk passes over) does not hold back the others behind it:
---     the claim goes on key by key, and a run without a key is found too.
+-- 5b. One tenant's backlog at the head does not hold back the others behind
+--     it, and a run without a key is found too: behind 300 steps of a key at
+--     its limit, the claim's next round passes over them in its walk; behind
+--     1,100 (a deep backlog: 1,000 or more), it goes key by key.
 SELECT baton.configure_queue('fl_key_q', concurrency_key => '$.tenant', per_key_concurrency => 1);
 SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', array_fill('{"tenant": "flood"}'::jsonb, ARRAY[300])));
 SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', ARRAY['{"tenant": "Z"}'::jsonb, '{"tenant": "Y"}', '{}']));
 SELECT input ->> 'tenant' AS tenant FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 1);
 SELECT coalesce(input ->> 'tenant', 'none') AS tenant FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 10) ORDER BY 1;
+SELECT count(*) AS nothing_left FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 10);
+SELECT cancel_unfinished_runs();
+SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', array_fill('{"tenant": "flood"}'::jsonb, ARRAY[1100])));
+SELECT count(*) FROM unnest(baton.enqueue_workflows('fl_keyed', ARRAY['{"tenant": "Z"}'::jsonb, '{"tenant": "Y"}', '{}']));
+SELECT input ->> 'tenant' AS tenant FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 1);
+BEGIN;
+SET LOCAL track_functions = 'pl';
+SELECT coalesce(input ->> 'tenant', 'none') AS tenant FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 10) ORDER BY 1;
+SELECT funcname, calls AS key_by_key FROM pg_stat_xact_user_functions WHERE funcname = '_claim_by_key';
+COMMIT;
 SELECT count(*) AS nothing_left FROM baton.claim_steps('fl-w', ARRAY['fl_key_q'], 10);
 SELECT cancel_unfinished_runs();
 
