@@ -28,6 +28,7 @@ for n in $(seq 1 20); do
     q "$@" -c "SELECT baton.enqueue_workflow('polyglot', '{\"n\": $n, \"batch\": \"$batch\"}')" >/dev/null
 done
 
+started=$(q "$@" -c "SELECT now()")
 /usr/bin/python3 "$here/python_worker.py" "$dsn" polyglot_py --idle-exit 3 &
 py=$!
 "$here/psql_worker.sh" polyglot_sh --idle-exit 3 -- "$@" &
@@ -45,4 +46,16 @@ bad=$(q "$@" -c "SELECT count(*) FROM baton.workflow_runs r
                                                                      power((r.input->>'n')::int + 1, 2)::int,
                                                                      power((r.input->>'n')::int + 2, 2)::int))")
 echo "polyglot: $((20 - bad)) passed, $bad failed"
-[ "$bad" = 0 ]
+# Both workers registered their sessions (baton.workers), and the database saw
+# them go when they exited.
+# (a session may take a moment to end after its process: up to 10 s)
+for _ in $(seq 100); do
+    registered=$(q "$@" -c "SELECT count(*) FROM baton.workers
+                             WHERE name IN ('psql-worker', 'python-worker-0', 'python-worker-1', 'python-worker-2',
+                                            'python-worker-3')
+                               AND registered_at >= '$started' AND steps_held = 0 AND NOT alive")
+    [ "$registered" = 5 ] && break
+    sleep 0.1
+done
+echo "polyglot: $registered of 5 worker names registered, and gone after the workers exited"
+[ "$bad" = 0 ] && [ "$registered" = 5 ]

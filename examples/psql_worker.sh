@@ -18,6 +18,13 @@ if [ "${1:-}" = --idle-exit ]; then idle_exit=$2; shift 2; fi
 [ "${1:-}" = -- ] && shift
 q() { psql -X -q -At -F '|' -v ON_ERROR_STOP=1 "$@"; }
 
+# The session the database watches (baton.register_worker): a psql kept open
+# beside the loop. When this script dies, even by SIGKILL, its stdin closes,
+# the session ends, and the background worker hands back the worker's leases
+# within about a second instead of when they expire.
+coproc SESSION { psql -X -q -v ON_ERROR_STOP=1 "$@" >/dev/null; }
+echo "SELECT baton.register_worker('psql-worker', ARRAY['$queue']);" >&"${SESSION[1]}"
+
 idle_since=$(date +%s)
 while :; do
     claimed=$(q "$@" -c "SELECT step_id, lease_token, workflow, step, upstream

@@ -188,8 +188,11 @@ def claimer(dsn, queue, name, wakeups):
         raise
 
 
-def listen(dsn, queue, wakeups, idle_exit):
-    """The process's one LISTEN connection, reconnecting when it fails."""
+def listen(dsn, queue, wakeups, idle_exit, names):
+    """The process's one LISTEN connection, reconnecting when it fails. It is
+    also the session the database watches: the claimers' names are registered
+    on it (baton.register_worker), so that when this process dies its leases
+    go back within about a second instead of when they expire."""
     woken = time.monotonic()
 
     def wake():
@@ -202,6 +205,8 @@ def listen(dsn, queue, wakeups, idle_exit):
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.add_notify_handler(lambda n: wake() if n.payload == queue else None)
                 conn.execute("LISTEN baton_ready")
+                for worker in names:
+                    conn.execute("SELECT baton.register_worker(%s, ARRAY[%s])", (worker, queue))
                 wake()  # for what became runnable while nobody listened
                 while not wakeups.stopping:
                     # Short waits, so that a stop or --idle-exit is seen soon.
@@ -220,11 +225,12 @@ def run(dsn, queue, threads=4, idle_exit=None, name="python-worker"):
     wakeups = Wakeups(threads)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: wakeups.stop())
-    pool = [threading.Thread(target=claimer, args=(dsn, queue, f"{name}-{i}", wakeups)) for i in range(threads)]
+    names = [f"{name}-{i}" for i in range(threads)]
+    pool = [threading.Thread(target=claimer, args=(dsn, queue, n, wakeups)) for n in names]
     for t in pool:
         t.start()
     try:
-        listen(dsn, queue, wakeups, idle_exit)
+        listen(dsn, queue, wakeups, idle_exit, names)
     finally:
         wakeups.stop()
         for t in pool:

@@ -136,8 +136,11 @@ END $$;
 
 -- Reclaim one expired lease, if it still is one and its run is free: true
 -- when it did. may_fail as above; with may_fail the run's other steps are
--- never waited for (55P03 instead).
-CREATE FUNCTION _reclaim_one(run_id uuid, step_no integer, may_fail boolean) RETURNS boolean
+-- never waited for (55P03 instead). With lost_worker, the lease held under
+-- that name whether it expired or not: its worker's session is gone
+-- (sql/worker.sql).
+CREATE FUNCTION _reclaim_one(run_id uuid, step_no integer, may_fail boolean, lost_worker text DEFAULT NULL)
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_variable
 DECLARE
@@ -152,11 +155,15 @@ BEGIN
     SELECT * INTO s FROM baton.steps e
      WHERE e.run_id = run_id AND e.step_no = step_no
        FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR NOT coalesce(s.status = 'running' AND s.lease_expires_at < now(), false)
+    IF NOT FOUND OR NOT coalesce(s.status = 'running' AND CASE WHEN lost_worker IS NULL THEN s.lease_expires_at < now()
+                                                               ELSE s.worker = lost_worker END, false)
        OR NOT (may_fail OR s.attempt < s.max_attempts) THEN
         RETURN false;
     END IF;
-    IF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
+    IF lost_worker IS NOT NULL THEN
+        PERFORM baton._end_attempt(s, 'lease_expired', format('the session of worker "%s" is gone', s.worker),
+                                   true, false, may_fail);
+    ELSIF s.timeout IS NOT NULL AND s.started_at + s.timeout <= now() THEN
         PERFORM baton._end_attempt(s, 'timed_out', format('timed out after %s seconds', extract(epoch FROM s.timeout)::float8),
                                    true, false, may_fail);
     ELSE

@@ -8,6 +8,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     at timestamptz := clock_timestamp();
     reclaimed integer := 0;
+    lost integer := 0;
     timers jsonb := '{}';
     pruned integer := 0;
     retention interval;
@@ -20,6 +21,14 @@ BEGIN
         reclaimed := baton._reclaim_expired(NULL, batch);
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_baton: reclaiming expired leases failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
+
+    -- 1b. The leases of registered workers whose sessions are gone
+    --     (sql/worker.sql), lost attempts retried at once.
+    BEGIN
+        lost := baton._workers_gone();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_baton: taking over the leases of gone workers failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
     -- 2. Timers (sql/timer.sql): scheduled steps that came due, sleeps,
@@ -67,6 +76,6 @@ BEGIN
         RAISE WARNING 'pg_baton: checking the vacuum horizon failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
     END;
 
-    RETURN timers || jsonb_build_object('at', at, 'reclaimed', reclaimed, 'pruned', pruned)
+    RETURN timers || jsonb_build_object('at', at, 'reclaimed', reclaimed, 'workers_lost_leases', lost, 'pruned', pruned)
         || CASE WHEN horizon IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('horizon', horizon) END;
 END $$;

@@ -57,3 +57,18 @@ SELECT l.run_id AS workflow_id, l.seq, l.at, l.action, l.step, l.detail, l.actor
 -- Per queue: its backlog, recent outcomes and settings (sql/stats.sql).
 CREATE VIEW queue_stats AS
 SELECT * FROM baton._queue_stats();
+
+-- Registered workers (sql/worker.sql), one row per name, from its newest
+-- session: alive while one of its sessions runs; last_seen is now for a live
+-- one, else when its last session was found gone.
+CREATE VIEW workers AS
+SELECT n.worker AS name, n.queues, n.registered_at,
+       CASE WHEN s.alive THEN now() ELSE coalesce(s.gone_at, n.registered_at) END AS last_seen,
+       (SELECT count(*) FROM baton.steps e WHERE e.status = 'running' AND e.worker = n.worker) AS steps_held,
+       s.alive
+  FROM (SELECT DISTINCT ON (w.worker) w.worker, w.queues, w.registered_at
+          FROM baton.worker_sessions w ORDER BY w.worker, w.registered_at DESC) n
+ CROSS JOIN LATERAL (
+       SELECT coalesce(bool_or(w.gone_at IS NULL AND baton._session_alive(w.pid, w.backend_start)), false) AS alive,
+              max(w.gone_at) AS gone_at
+         FROM baton.worker_sessions w WHERE w.worker = n.worker) s;

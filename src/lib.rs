@@ -77,7 +77,12 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/stats.sql", name = "stats", requires = ["operation"]);
 extension_sql_file!("../sql/graph.sql", name = "graph", requires = ["stats"]);
-extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["graph"]);
+extension_sql_file!("../sql/worker.sql", name = "worker", requires = ["graph"]);
+extension_sql_file!(
+    "../sql/planner.sql",
+    name = "planner",
+    requires = ["worker"]
+);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 #[pg_guard]

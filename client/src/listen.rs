@@ -1,6 +1,8 @@
 //! The worker's wake-up line: a dedicated connection that LISTENs on
 //! `baton_ready` and wakes the claim loop when one of its queues has work.
-//! It reconnects on failure; meanwhile the worker's polling covers.
+//! It reconnects on failure; meanwhile the worker's polling covers. It is
+//! also the session the database watches (`baton.register_worker`): when it
+//! is gone, the background worker hands back the worker's leases at once.
 
 use futures_util::future::poll_fn;
 use std::sync::Arc;
@@ -17,13 +19,14 @@ pub(crate) struct Listener {
 impl Listener {
     pub(crate) fn start(
         config: tokio_postgres::Config,
+        worker: String,
         queues: Vec<String>,
         wake: Arc<Notify>,
     ) -> Self {
         let task = tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             loop {
-                match listen(&config, &queues, &wake).await {
+                match listen(&config, &worker, &queues, &wake).await {
                     Ok(()) => pause = Duration::from_millis(100),
                     Err(e) => {
                         warn!(error = %e, "LISTEN connection failed; polling until it is back")
@@ -45,6 +48,7 @@ impl Drop for Listener {
 
 async fn listen(
     config: &tokio_postgres::Config,
+    worker: &str,
     queues: &[String],
     wake: &Notify,
 ) -> Result<(), tokio_postgres::Error> {
@@ -64,6 +68,14 @@ async fn listen(
     });
     client.batch_execute("LISTEN baton_ready").await?;
     debug!("listening on baton_ready");
+    // A database without register_worker (before 0.5.0) still wakes the
+    // worker; its leases then wait for their expiry.
+    if let Err(e) = client
+        .execute("SELECT baton.register_worker($1, $2)", &[&worker, &queues])
+        .await
+    {
+        warn!(error = %e, worker, "cannot register the worker's session; its leases fall back to their expiry");
+    }
     // Anything may have become ready while we were not listening.
     wake.notify_one();
     while let Some(queue) = rx.recv().await {

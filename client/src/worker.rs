@@ -170,10 +170,14 @@ impl Worker {
     pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<()> {
         let w = self.inner.clone();
         let wake = Arc::new(Notify::new());
-        let _listener = w
-            .client
-            .listen_config()
-            .map(|config| Listener::start(config.clone(), w.queues.clone(), wake.clone()));
+        let _listener = w.client.listen_config().map(|config| {
+            Listener::start(
+                config.clone(),
+                w.name.clone(),
+                w.queues.clone(),
+                wake.clone(),
+            )
+        });
         let permits = Arc::new(Semaphore::new(w.concurrency));
         let leases: Leases = Arc::new(Mutex::new(HashMap::new()));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
