@@ -210,7 +210,10 @@ async fn workers_killed_at_random_lose_nothing() {
             "{left} runs still unfinished after {} kills",
             kills.len()
         );
-        tokio::time::sleep(every).await;
+        // at a random moment: a fixed pause would keep each kill at the same
+        // point of the background worker's round
+        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+        tokio::time::sleep(every.mul_f64(jitter)).await;
         let name = fleet.kill_one();
         let killed = Instant::now();
         fleet.start();

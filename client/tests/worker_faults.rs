@@ -9,7 +9,7 @@
 mod common;
 
 use baton::{Client, EnqueueOptions, Step, StepContext, Worker, WorkflowDef};
-use common::{eventually, unique, url};
+use common::{blocked_by, eventually, unique, url};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -144,19 +144,6 @@ async fn server_now(db: &tokio_postgres::Client) -> f64 {
         .await
         .unwrap()
         .get(0)
-}
-
-/// Backends waiting for a lock that `holder` (a backend pid) holds.
-async fn blocked_by(db: &tokio_postgres::Client, holder: i32) -> Vec<i32> {
-    db.query(
-        "SELECT pid FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)) ORDER BY pid",
-        &[&holder],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// Another session holding a run's lock in an open transaction (`locker`,

@@ -163,3 +163,16 @@ where
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_string())
 }
+
+/// Backends waiting for a lock that `holder` (a backend pid) holds.
+pub async fn blocked_by(db: &Client, holder: i32) -> Vec<i32> {
+    db.query(
+        "SELECT pid FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)) ORDER BY pid",
+        &[&holder],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
