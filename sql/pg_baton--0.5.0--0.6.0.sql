@@ -2874,6 +2874,11 @@ BEGIN
     IF try AND NOT pg_try_advisory_xact_lock(1651797604, hashtext(worker)) THEN
         RETURN 0;
     END IF;
+    -- Sessions that ended with the server (it restarted since they began)
+    -- tell nothing of their worker, which is most likely reconnecting: they
+    -- are forgotten, and their leases fall back to their expiry.
+    DELETE FROM baton.worker_sessions w
+     WHERE w.worker = worker AND w.gone_at IS NULL AND w.backend_start < pg_postmaster_start_time();
     IF EXISTS (SELECT FROM baton.worker_sessions w
                 WHERE w.worker = worker AND w.gone_at IS NULL AND baton._session_alive(w.pid, w.backend_start)) THEN
         DELETE FROM baton.worker_sessions w

@@ -12,7 +12,10 @@
 -- own: their leases fall back to their expiry.
 --
 -- Several sessions may carry one name (the Workers of one process share its
--- default name): the name lives while any of them does.
+-- default name): the name lives while any of them does. Sessions that ended
+-- because PostgreSQL itself restarted hand nothing back: their workers are
+-- most likely alive and reconnecting, so those leases wait for their expiry
+-- (or for the worker's heartbeat on its new connection).
 
 -- The registered sessions: a backend's pid with its start (a pid is reused).
 CREATE TABLE worker_sessions (
@@ -87,6 +90,11 @@ BEGIN
     IF try AND NOT pg_try_advisory_xact_lock(1651797604, hashtext(worker)) THEN
         RETURN 0;
     END IF;
+    -- Sessions that ended with the server (it restarted since they began)
+    -- tell nothing of their worker, which is most likely reconnecting: they
+    -- are forgotten, and their leases fall back to their expiry.
+    DELETE FROM baton.worker_sessions w
+     WHERE w.worker = worker AND w.gone_at IS NULL AND w.backend_start < pg_postmaster_start_time();
     IF EXISTS (SELECT FROM baton.worker_sessions w
                 WHERE w.worker = worker AND w.gone_at IS NULL AND baton._session_alive(w.pid, w.backend_start)) THEN
         DELETE FROM baton.worker_sessions w

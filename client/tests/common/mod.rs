@@ -2,6 +2,8 @@
 //! `scripts/test` starts (pg_baton preloaded, background worker serving it).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use futures_util::future::poll_fn;
 use std::time::Duration;
 use tokio::sync::mpsc;
