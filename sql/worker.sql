@@ -13,15 +13,16 @@
 --
 -- Several sessions may carry one name (the Workers of one process share its
 -- default name): the name lives while any of them does. Sessions that ended
--- because PostgreSQL itself restarted hand nothing back: their workers are
--- most likely alive and reconnecting, so those leases wait for their expiry
--- (or for the worker's heartbeat on its new connection).
+-- because PostgreSQL itself restarted or failed over hand nothing back: their
+-- workers are most likely alive and reconnecting, so those leases wait for
+-- their expiry (or for the worker's heartbeat on its new connection).
 
 -- The registered sessions: a backend's pid with its start (a pid is reused).
 CREATE TABLE worker_sessions (
     worker        text        NOT NULL,
     pid           integer     NOT NULL,
     backend_start timestamptz NOT NULL,
+    server_start  timestamptz NOT NULL,  -- of the server it ran on (pg_postmaster_start_time)
     queues        text[],
     registered_at timestamptz NOT NULL,
     gone_at       timestamptz,   -- set once the session's loss was handled
@@ -60,10 +61,10 @@ BEGIN
     PERFORM baton._worker_gone(register_worker.worker, false);
     -- the name's record is its live session again
     DELETE FROM baton.worker_sessions w WHERE w.worker = register_worker.worker AND w.gone_at IS NOT NULL;
-    INSERT INTO baton.worker_sessions AS w (worker, pid, backend_start, queues, registered_at)
-    VALUES (register_worker.worker, pg_backend_pid(), started, register_worker.queues, now())
+    INSERT INTO baton.worker_sessions AS w (worker, pid, backend_start, server_start, queues, registered_at)
+    VALUES (register_worker.worker, pg_backend_pid(), started, pg_postmaster_start_time(), register_worker.queues, now())
     ON CONFLICT (worker, pid) DO UPDATE
-       SET backend_start = excluded.backend_start, queues = excluded.queues,
+       SET backend_start = excluded.backend_start, server_start = excluded.server_start, queues = excluded.queues,
            registered_at = excluded.registered_at, gone_at = NULL;
     -- (session settings: ignored on a Unix socket)
     PERFORM set_config('tcp_keepalives_idle', '5', false);
@@ -90,11 +91,12 @@ BEGIN
     IF try AND NOT pg_try_advisory_xact_lock(1651797604, hashtext(worker)) THEN
         RETURN 0;
     END IF;
-    -- Sessions that ended with the server (it restarted since they began)
-    -- tell nothing of their worker, which is most likely reconnecting: they
-    -- are forgotten, and their leases fall back to their expiry.
+    -- Sessions of another server run (it restarted since, or this is a
+    -- standby promoted after a failover) tell nothing of their worker, which
+    -- is most likely reconnecting: they are forgotten, and their leases fall
+    -- back to their expiry.
     DELETE FROM baton.worker_sessions w
-     WHERE w.worker = worker AND w.gone_at IS NULL AND w.backend_start < pg_postmaster_start_time();
+     WHERE w.worker = worker AND w.gone_at IS NULL AND w.server_start <> pg_postmaster_start_time();
     IF EXISTS (SELECT FROM baton.worker_sessions w
                 WHERE w.worker = worker AND w.gone_at IS NULL AND baton._session_alive(w.pid, w.backend_start)) THEN
         DELETE FROM baton.worker_sessions w

@@ -8,6 +8,7 @@ CREATE TABLE worker_sessions (
     worker        text        NOT NULL,
     pid           integer     NOT NULL,
     backend_start timestamptz NOT NULL,
+    server_start  timestamptz NOT NULL,  -- of the server it ran on (pg_postmaster_start_time)
     queues        text[],
     registered_at timestamptz NOT NULL,
     gone_at       timestamptz,

@@ -80,3 +80,30 @@ impl Drop for Cluster {
         let _ = std::panic::catch_unwind(|| lib_sh(&format!("stop_cluster {name}"), &[]));
     }
 }
+
+impl Cluster {
+    /// A streaming standby of `self` (pg_basebackup -R), started, on `port`.
+    pub fn standby(&self, name: &str, port: u16) -> Cluster {
+        let dir = format!("/tmp/pg_baton-{name}");
+        let primary = self.port;
+        lib_sh(
+            &format!(
+                "stop_cluster {name}; rm -rf {dir}; install -d -o postgres -g postgres {dir}
+                 as_postgres $PG_BIN/pg_basebackup -h 127.0.0.1 -p {primary} -U postgres -D {dir}/data -R -X stream -c fast
+                 printf \"port = {port}\\nunix_socket_directories = '{dir}'\\n\" | as_postgres tee -a {dir}/data/postgresql.conf >/dev/null
+                 as_postgres $PG_BIN/pg_ctl -D {dir}/data -l {dir}/server.log -w start >/dev/null"
+            ),
+            &[],
+        );
+        Cluster {
+            name: name.into(),
+            port,
+            db: self.db.clone(),
+        }
+    }
+
+    /// Promote this standby to a primary and wait until it is one.
+    pub fn promote(&self) {
+        self.pg_ctl("promote");
+    }
+}

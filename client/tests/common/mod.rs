@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod ledger;
 
 use futures_util::future::poll_fn;
 use std::time::Duration;
@@ -177,4 +178,15 @@ pub async fn blocked_by(db: &Client, holder: i32) -> Vec<i32> {
     .iter()
     .map(|r| r.get(0))
     .collect()
+}
+
+/// A connection to another server than the test cluster's.
+pub async fn connect_to(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e:?}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
 }
