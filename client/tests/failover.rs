@@ -9,7 +9,10 @@
 //!   nothing acknowledged is lost, every run succeeds, the ledger row exists
 //!   exactly once per run, and the workers carry on against the new primary.
 //! - With asynchronous replication, the last commits of the old primary may
-//!   be lost: the test counts the acknowledged enqueues that are missing,
+//!   be lost. The standby's connection is cut (and refused from then on)
+//!   while twenty more enqueues are acknowledged, then the primary dies:
+//!   those are lost. The test counts the acknowledged
+//!   enqueues that are missing,
 //!   enqueues them again under their keys (as a caller that keeps its keys
 //!   would), and checks that then every run succeeds with its ledger row
 //!   exactly once. It prints what was lost.
@@ -28,6 +31,8 @@ use std::time::{Duration, Instant};
 
 struct Failover {
     lost: i64,
+    /// acknowledged when the asynchronous standby's connection was cut
+    cut_at: Option<usize>,
     acked_at_kill: usize,
     back_after: Duration,
     failures: usize,
@@ -39,7 +44,7 @@ async fn fail_over(name: &str, port: u16, synchronous: bool) -> Failover {
     let primary = Cluster::start(&format!("{name}p"), port, "baton_failover", "");
     let db = common::connect_to(&primary.url()).await;
     ledger::install(&db).await;
-    let standby = primary.standby(&format!("{name}s"), port + 1);
+    let standby = primary.standby(&format!("{name}s"), port + 1, "");
     if synchronous {
         db.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
             .await
@@ -70,6 +75,19 @@ async fn fail_over(name: &str, port: u16, synchronous: bool) -> Failover {
     let acked = Arc::new(AtomicUsize::new(0));
     let caller = ledger::caller(&client, runs, acked.clone());
     ledger::wait_acked(&acked, runs / 2).await;
+    let mut cut_at = None;
+    if !synchronous {
+        // An asynchronous standby that fell behind: its connection to the
+        // primary is cut (and cannot be made again), twenty more enqueues
+        // are acknowledged by the primary alone, and then the primary dies.
+        primary.refuse_replication();
+        let db = common::connect_to(&primary.url()).await;
+        db.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+            .await
+            .unwrap();
+        cut_at = Some(acked.load(Ordering::SeqCst));
+        ledger::wait_acked(&acked, cut_at.unwrap() + 20).await;
+    }
     primary.crash();
     let killed = Instant::now();
     let acked_at_kill = acked.load(Ordering::SeqCst);
@@ -139,6 +157,7 @@ async fn fail_over(name: &str, port: u16, synchronous: bool) -> Failover {
     fleet.stop().await;
     Failover {
         lost,
+        cut_at,
         acked_at_kill,
         back_after,
         failures,
@@ -164,8 +183,14 @@ async fn synchronous_failover_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asynchronous_failover_is_made_whole_by_idempotency_keys() {
     let f = fail_over("foasync", 55473, false).await;
+    let behind = f.acked_at_kill - f.cut_at.unwrap();
+    assert!(
+        f.lost > 0 && f.lost as usize <= behind + 1,
+        "the standby {behind} enqueues behind lost {}",
+        f.lost
+    );
     println!(
-        "asynchronous failover: {} of {} acknowledged enqueues lost and enqueued again under their keys; \
+        "asynchronous failover, the standby {behind} enqueues behind: {} of {} acknowledged enqueues lost and enqueued again under their keys; \
          enqueues succeeded again {:.2} s after the kill ({} calls failed meanwhile); every run succeeded, \
          ledger exactly once",
         f.lost,

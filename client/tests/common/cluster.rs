@@ -82,15 +82,16 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// A streaming standby of `self` (pg_basebackup -R), started, on `port`.
-    pub fn standby(&self, name: &str, port: u16) -> Cluster {
+    /// A streaming standby of `self` (pg_basebackup -R), started, on `port`;
+    /// `conf` is added to its postgresql.conf.
+    pub fn standby(&self, name: &str, port: u16, conf: &str) -> Cluster {
         let dir = format!("/tmp/pg_baton-{name}");
         let primary = self.port;
         lib_sh(
             &format!(
                 "stop_cluster {name}; rm -rf {dir}; install -d -o postgres -g postgres {dir}
                  as_postgres $PG_BIN/pg_basebackup -h 127.0.0.1 -p {primary} -U postgres -D {dir}/data -R -X stream -c fast
-                 printf \"port = {port}\\nunix_socket_directories = '{dir}'\\n\" | as_postgres tee -a {dir}/data/postgresql.conf >/dev/null
+                 printf \"port = {port}\\nunix_socket_directories = '{dir}'\\n{conf}\\n\" | as_postgres tee -a {dir}/data/postgresql.conf >/dev/null
                  as_postgres $PG_BIN/pg_ctl -D {dir}/data -l {dir}/server.log -w start >/dev/null"
             ),
             &[],
@@ -100,6 +101,19 @@ impl Cluster {
             port,
             db: self.db.clone(),
         }
+    }
+
+    /// Refuse replication connections from now on (pg_hba.conf, reloaded):
+    /// a standby that loses its connection cannot come back.
+    pub fn refuse_replication(&self) {
+        let (data, port) = (self.data(), self.port);
+        lib_sh(
+            &format!(
+                "as_postgres sed -i '1i host replication all 127.0.0.1/32 reject' {data}/pg_hba.conf
+                 psql -X -q -h 127.0.0.1 -p {port} -U postgres -c 'SELECT pg_reload_conf()' postgres >/dev/null"
+            ),
+            &[],
+        );
     }
 
     /// Promote this standby to a primary and wait until it is one.
