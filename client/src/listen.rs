@@ -14,6 +14,11 @@ use tracing::{debug, warn};
 
 pub(crate) struct Listener {
     task: JoinHandle<()>,
+    /// Notified once the first connection registered the worker, or failed
+    /// to: the worker claims only then, so that no lease of its name is taken
+    /// while no live session of the name exists (the background worker would
+    /// hand it back when an earlier session of the name ended).
+    pub(crate) first_try: Arc<Notify>,
 }
 
 impl Listener {
@@ -23,12 +28,15 @@ impl Listener {
         queues: Vec<String>,
         wake: Arc<Notify>,
     ) -> Self {
+        let first_try = Arc::new(Notify::new());
+        let tried = first_try.clone();
         let task = tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             loop {
-                match listen(&config, &worker, &queues, &wake).await {
+                match listen(&config, &worker, &queues, &wake, &tried).await {
                     Ok(()) => pause = Duration::from_millis(100),
                     Err(e) => {
+                        tried.notify_one();
                         warn!(error = %e, "LISTEN connection failed; polling until it is back")
                     }
                 }
@@ -36,7 +44,7 @@ impl Listener {
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         });
-        Listener { task }
+        Listener { task, first_try }
     }
 }
 
@@ -51,6 +59,7 @@ async fn listen(
     worker: &str,
     queues: &[String],
     wake: &Notify,
+    registered: &Notify,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut conn) = config.connect(NoTls).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -68,7 +77,7 @@ async fn listen(
     });
     client.batch_execute("LISTEN baton_ready").await?;
     debug!("listening on baton_ready");
-    // A database without register_worker (before 0.5.0) still wakes the
+    // A database without register_worker (before 0.6.0) still wakes the
     // worker; its leases then wait for their expiry.
     if let Err(e) = client
         .execute("SELECT baton.register_worker($1, $2)", &[&worker, &queues])
@@ -76,6 +85,7 @@ async fn listen(
     {
         warn!(error = %e, worker, "cannot register the worker's session; its leases fall back to their expiry");
     }
+    registered.notify_one();
     // Anything may have become ready while we were not listening.
     wake.notify_one();
     while let Some(queue) = rx.recv().await {

@@ -170,7 +170,7 @@ impl Worker {
     pub async fn run_until<F: Future<Output = ()>>(self, shutdown: F) -> Result<()> {
         let w = self.inner.clone();
         let wake = Arc::new(Notify::new());
-        let _listener = w.client.listen_config().map(|config| {
+        let listener = w.client.listen_config().map(|config| {
             Listener::start(
                 config.clone(),
                 w.name.clone(),
@@ -178,6 +178,11 @@ impl Worker {
                 wake.clone(),
             )
         });
+        // Claim once the worker's session is registered (or could not be):
+        // see `Listener::first_try`. Bounded, in case the connection hangs.
+        if let Some(l) = &listener {
+            let _ = tokio::time::timeout(Duration::from_secs(10), l.first_try.notified()).await;
+        }
         let permits = Arc::new(Semaphore::new(w.concurrency));
         let leases: Leases = Arc::new(Mutex::new(HashMap::new()));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
