@@ -4,7 +4,7 @@
 //!
 //! The workload of `common/ledger.rs`: a caller enqueues three-step
 //! workflows one at a time under idempotency keys, trying a failed enqueue
-//! again under its key; two Rust workers run them, the middle step
+//! again under its key; four Rust workers run them, the middle step
 //! transactional. Checked:
 //!  - every enqueue that returned to its caller exists afterwards, and
 //!    finishes: every run succeeds, and no run was made twice;
@@ -34,7 +34,10 @@ async fn the_server_killed_twice_loses_nothing_acknowledged() {
     drop(db);
 
     let client = Client::connect(&cluster.url()).await.expect("connect");
-    let fleet = ledger::Fleet::start(&client, &["srvcrash-1", "srvcrash-2"]);
+    let fleet = ledger::Fleet::start(
+        &client,
+        &["srvcrash-1", "srvcrash-2", "srvcrash-3", "srvcrash-4"],
+    );
     let acked = Arc::new(AtomicUsize::new(0));
     let caller = ledger::caller(&client, runs, acked.clone());
     for at in [runs / 3, 2 * runs / 3] {
