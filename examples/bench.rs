@@ -21,7 +21,9 @@
 //! W9_key runs W9_base too. QS: the time of `SELECT * FROM baton.queue_stats`
 //! on the fresh schema (QS_empty, first) and beside W4's history (written
 //! for QS if W4 is not run), whose steps are out of its windows; it also
-//! counts the last minute's completions, so the INFO lines say how many.
+//! counts the last minute's completions, so the INFO lines say how many. TK:
+//! the time from a registered worker's death (its connections cut) to its
+//! leases handed back by the background worker.
 //!
 //!   BATON_URL=postgres://... cargo run --release -p baton --example bench -- [--quick] [--only W0,W2] [--soak-secs N] [--repeat N] [--py-threads N] [--w9-slots N] [--w9-poll-ms N]
 //!
@@ -330,11 +332,23 @@ async fn one_run(o: &Opts, client: &Client, admin: &tokio_postgres::Client) {
             base.steps_per_s()
         );
     }
+    let mut tk = None;
+    if o.runs("TK") {
+        tk = Some(takeover(o, admin).await);
+    }
     if o.runs("SOAK") {
         soak(o, client, admin).await;
     }
 
     // Targets, as ratios within this run.
+    if let Some(tk) = tk {
+        record_target("TK", tk);
+        target(
+            "TK",
+            target_met("TK", tk),
+            &format!("median takeover {tk:.3} s <= 1.5 s after a worker died holding 30 s leases"),
+        );
+    }
     if let Some((median, p99)) = w7 {
         record_target("W7", median);
         record_target("W7_P99", p99);
@@ -492,6 +506,7 @@ fn target_met(w: &str, value: f64) -> bool {
         "W8" => value >= 0.9,
         "W9_RATE" | "W9_KEY" => value >= 0.8,
         "W9_BIND" => (value - 1.0).abs() <= 0.05,
+        "TK" => value <= 1.5,
         _ => value < 5.0,
     }
 }
@@ -536,6 +551,7 @@ fn print_medians(runs: usize) {
                 "W9_RATE" => "W9_rate/W9_base >= 0.8",
                 "W9_KEY" => "W9_key/W9_base >= 0.8",
                 "W9_BIND" => "W9_bind claims/s / rate limit within 0.95 to 1.05",
+                "TK" => "TK median takeover s <= 1.5",
                 _ => "W5 median wake-up ms < 5",
             };
             println!(
@@ -1615,6 +1631,98 @@ async fn wakeup(o: &Opts, client: &Client) -> f64 {
     let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
     println!(
         "RESULT system=pg_baton workload=W5 workflows={tries} steps={tries} wall_s=0 steps_per_s=0 ms_per_step={median:.3} enqueue_per_s=0 median_ms={median:.3} p99_ms={p99:.3}"
+    );
+    median
+}
+
+/// TK: takeover of a dead worker's leases. A worker registered under its
+/// name (`baton.register_worker`, on its LISTEN connection) holds 8 steps
+/// under a 30 s lease, then dies: its task stops and every connection of it
+/// is cut (as a killed process's are), at a random moment. The figure is the
+/// time until the
+/// background worker has handed all 8 back (polled every 5 ms), once per
+/// trial; its round comes every `baton.interval`. Returns the median in s.
+async fn takeover(o: &Opts, admin: &tokio_postgres::Client) -> f64 {
+    let wf = "bench_tk";
+    admin
+        .query_one(
+            "SELECT baton.define_workflow($1, $2)",
+            &[
+                &wf,
+                &json!({"queue": wf, "steps": [{"name": "s", "max_attempts": 1000}]}),
+            ],
+        )
+        .await
+        .unwrap();
+    admin
+        .query_one(
+            "SELECT baton.enqueue_workflows($1, array_fill('{}'::jsonb, ARRAY[8]))",
+            &[&wf],
+        )
+        .await
+        .unwrap();
+    let held = |name: String| async move {
+        admin
+            .query_one(
+                "SELECT count(*) FROM baton.steps WHERE worker = $1 AND status = 'running'",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let tries = o.n(20, 3);
+    let mut secs = Vec::with_capacity(tries);
+    for i in 0..tries {
+        let (app, name) = (format!("bench_tk_{i}"), format!("bench-TK-{i}"));
+        let sep = if o.url.contains('?') { '&' } else { '?' };
+        let client = Client::connect(&format!("{}{sep}application_name={app}", o.url))
+            .await
+            .expect("client");
+        let worker = Worker::builder(&client)
+            .name(&name)
+            .queues([wf])
+            .concurrency(8)
+            .lease(Duration::from_secs(30))
+            .poll_interval(Duration::from_millis(100))
+            .handler(wf, "s", |_| async {
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+            .build();
+        let handle = tokio::spawn(worker.run());
+        while held(name.clone()).await < 8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // at a random point of the background worker's round: the steps
+        // were claimed right after the last one handed them back
+        let ms = rand::random::<u64>() % 1000;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        handle.abort();
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap();
+        let died = Instant::now();
+        while held(name.clone()).await > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        secs.push(died.elapsed().as_secs_f64());
+    }
+    let interval: String = admin
+        .query_one("SELECT current_setting('baton.interval')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let max = secs.iter().copied().fold(0.0, f64::max);
+    let median = median(secs);
+    record("TK", 0.0, median * 1000.0);
+    println!(
+        "RESULT system=pg_baton workload=TK workflows=8 steps=8 wall_s=0 steps_per_s=0 ms_per_step={:.1} enqueue_per_s=0 trials={tries} median_s={median:.3} max_s={max:.3} lease_s=30 baton_interval={interval}",
+        median * 1000.0
     );
     median
 }
