@@ -15,13 +15,13 @@ as_postgres() {
 
 # apt packages, cargo-pgrx, pgrx init. Idempotent: skips what is there.
 install_deps() {
-    if ! [ -x "$PG_CONFIG" ] || ! dpkg -s libclang-dev python3-psycopg >/dev/null 2>&1; then
+    if ! [ -x "$PG_CONFIG" ] || ! dpkg -s libclang-dev python3-psycopg iptables >/dev/null 2>&1; then
         log "installing PostgreSQL 15 and build packages (apt)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends postgresql-15 postgresql-server-dev-15 \
             postgresql-client-15 libclang-dev clang pkg-config libssl-dev python3 python3-psycopg \
-            ca-certificates >/dev/null
+            ca-certificates iptables >/dev/null
     fi
     if ! command -v cargo >/dev/null; then
         echo "cargo not found: install Rust (rustup) first" >&2; exit 1

@@ -2857,10 +2857,14 @@ BEGIN
     ON CONFLICT (worker, pid) DO UPDATE
        SET backend_start = excluded.backend_start, server_start = excluded.server_start, queues = excluded.queues,
            registered_at = excluded.registered_at, gone_at = NULL;
-    -- (session settings: ignored on a Unix socket)
+    -- (session settings: ignored on a Unix socket) Keepalives find a dead
+    -- peer of an idle connection; the user timeout one of a connection
+    -- with data in flight, which keepalives never probe: a listener nearly
+    -- always has some, since every NOTIFY baton_ready reaches it.
     PERFORM set_config('tcp_keepalives_idle', '5', false);
     PERFORM set_config('tcp_keepalives_interval', '1', false);
     PERFORM set_config('tcp_keepalives_count', '5', false);
+    PERFORM set_config('tcp_user_timeout', '10000', false);
 END $$;
 
 -- sql/worker.sql

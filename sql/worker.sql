@@ -40,9 +40,10 @@ END $$;
 -- Register the calling session as one of `worker`'s. When the name had no
 -- live session left (the worker came back after a crash), the leases of the
 -- sessions that are gone are handed back first: the new process does not
--- hold them. The session's TCP keepalives are shortened, so that a cut
--- network ends the backend (and so the leases) within about ten seconds
--- instead of the system's two hours.
+-- hold them. The session's TCP keepalives and user timeout are shortened,
+-- so that a cut network ends the backend (and so the leases) within about
+-- ten seconds instead of the system's two hours (or, with unacknowledged
+-- data, its quarter of an hour of retransmissions).
 CREATE FUNCTION register_worker(worker text, queues text[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -66,10 +67,14 @@ BEGIN
     ON CONFLICT (worker, pid) DO UPDATE
        SET backend_start = excluded.backend_start, server_start = excluded.server_start, queues = excluded.queues,
            registered_at = excluded.registered_at, gone_at = NULL;
-    -- (session settings: ignored on a Unix socket)
+    -- (session settings: ignored on a Unix socket) Keepalives find a dead
+    -- peer of an idle connection; the user timeout one of a connection
+    -- with data in flight, which keepalives never probe: a listener nearly
+    -- always has some, since every NOTIFY baton_ready reaches it.
     PERFORM set_config('tcp_keepalives_idle', '5', false);
     PERFORM set_config('tcp_keepalives_interval', '1', false);
     PERFORM set_config('tcp_keepalives_count', '5', false);
+    PERFORM set_config('tcp_user_timeout', '10000', false);
 END $$;
 
 -- Look at `worker`'s sessions. Those that are gone are forgotten while

@@ -79,6 +79,9 @@ SELECT a.outcome, a.error FROM baton.attempts a WHERE a.worker = 'ws-4';
 --    refused.
 SELECT baton.register_worker('ws-1');
 SELECT name, queues, alive FROM baton.workers WHERE name = 'ws-1';
+-- the session now gives up on a dead peer within about ten seconds
+SELECT current_setting('tcp_keepalives_idle') AS idle, current_setting('tcp_keepalives_count') AS probes,
+       current_setting('tcp_user_timeout') AS user_timeout;
 SELECT baton.register_worker('');
 SELECT baton.register_worker(NULL);
 SELECT baton.register_worker(repeat('w', 201));
