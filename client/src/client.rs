@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, NoTls};
+use tokio_postgres::GenericClient;
 use tracing::{info_span, Instrument};
 use uuid::Uuid;
 
@@ -19,6 +19,8 @@ pub struct Client {
     /// Where a worker opens its LISTEN connection (a pooled connection cannot
     /// receive notifications). None: workers poll.
     listen_config: Option<tokio_postgres::Config>,
+    /// The TLS connector of every connection (crate::tls).
+    tls: crate::tls::MakeRustlsConnect,
 }
 
 /// Options of one enqueue; `Default` is: no key, the definition's queues,
@@ -69,12 +71,14 @@ pub struct RunInfo {
 }
 
 impl Client {
-    /// Connect with a URL such as `postgres://user@host:5432/db` (pool of 16).
+    /// Connect with a URL such as `postgres://user@host:5432/db` (pool of
+    /// 16). TLS follows its `sslmode` and `sslrootcert` as in libpq
+    /// (`require`, `verify-ca`, `verify-full`; see `connect_config`).
     pub async fn connect(url: &str) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse().map_err(Error::Connection)?;
+        let (config, tls) = crate::tls::connect_config(url)?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -93,15 +97,28 @@ impl Client {
         Ok(Client {
             pool,
             listen_config: Some(config),
+            tls,
         })
     }
 
     /// Use an existing pool. Pass the connection config too if workers should
-    /// LISTEN for wake-ups (else they poll).
+    /// LISTEN for wake-ups (else they poll); its connections use TLS as its
+    /// `sslmode` says, without verifying the certificate (`from_pool_tls`
+    /// takes a connector from `connect_config`).
     pub fn from_pool(pool: Pool, listen_config: Option<tokio_postgres::Config>) -> Self {
+        Self::from_pool_tls(pool, listen_config, crate::tls::unverified())
+    }
+
+    /// `from_pool`, with the TLS connector of the LISTEN connections.
+    pub fn from_pool_tls(
+        pool: Pool,
+        listen_config: Option<tokio_postgres::Config>,
+        tls: crate::tls::MakeRustlsConnect,
+    ) -> Self {
         Client {
             pool,
             listen_config,
+            tls,
         }
     }
 
@@ -111,6 +128,10 @@ impl Client {
 
     pub(crate) fn listen_config(&self) -> Option<&tokio_postgres::Config> {
         self.listen_config.as_ref()
+    }
+
+    pub(crate) fn tls(&self) -> crate::tls::MakeRustlsConnect {
+        self.tls.clone()
     }
 
     /// Store a new version of a workflow; returns its version number.

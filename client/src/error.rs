@@ -34,6 +34,10 @@ pub enum Error {
     /// The connection failed or closed (no SQLSTATE).
     #[error("connection error: {0}")]
     Connection(#[source] tokio_postgres::Error),
+    /// The connection string's TLS options cannot be used (`sslmode`,
+    /// `sslrootcert`): named in the message.
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("connection pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("connection pool setup: {0}")]

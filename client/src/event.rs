@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, GenericClient, NoTls};
+use tokio_postgres::{AsyncMessage, GenericClient};
 use tracing::debug;
 use uuid::Uuid;
 
@@ -72,7 +72,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         // LISTEN first, then look: a value set in between is not missed.
         let mut listener = match self.listen_config() {
-            Some(config) => match EventListener::start(config).await {
+            Some(config) => match EventListener::start(config, self.tls()).await {
                 Ok(l) => Some(l),
                 Err(e) => {
                     debug!(error = %e, "cannot LISTEN on {EVENT_CHANNEL}; polling");
@@ -178,8 +178,11 @@ struct EventListener {
 }
 
 impl EventListener {
-    async fn start(config: &tokio_postgres::Config) -> Result<Self> {
-        let (client, mut conn) = config.connect(NoTls).await?;
+    async fn start(
+        config: &tokio_postgres::Config,
+        tls: crate::tls::MakeRustlsConnect,
+    ) -> Result<Self> {
+        let (client, mut conn) = config.connect(tls).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             while let Some(msg) = poll_fn(|cx| conn.poll_message(cx)).await {

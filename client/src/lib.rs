@@ -31,6 +31,7 @@ mod listen;
 mod operation;
 mod queue;
 mod schedule;
+mod tls;
 mod worker;
 
 pub use client::{enqueue_in, Client, EnqueueOptions, RunInfo};
@@ -45,4 +46,5 @@ pub use operation::{
 };
 pub use queue::{KeyConcurrency, QueueConfig, QueueStats, RateLimit};
 pub use schedule::{Overlap, ScheduleInfo, ScheduleOptions};
+pub use tls::{connect_config, MakeRustlsConnect};
 pub use worker::{Worker, WorkerBuilder};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tracing::{debug, warn};
 
 pub(crate) struct Listener {
@@ -24,6 +24,7 @@ pub(crate) struct Listener {
 impl Listener {
     pub(crate) fn start(
         config: tokio_postgres::Config,
+        tls: crate::tls::MakeRustlsConnect,
         worker: String,
         queues: Vec<String>,
         wake: Arc<Notify>,
@@ -33,7 +34,7 @@ impl Listener {
         let task = tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             loop {
-                match listen(&config, &worker, &queues, &wake, &tried).await {
+                match listen(&config, tls.clone(), &worker, &queues, &wake, &tried).await {
                     Ok(()) => pause = Duration::from_millis(100),
                     Err(e) => {
                         tried.notify_one();
@@ -56,12 +57,13 @@ impl Drop for Listener {
 
 async fn listen(
     config: &tokio_postgres::Config,
+    tls: crate::tls::MakeRustlsConnect,
     worker: &str,
     queues: &[String],
     wake: &Notify,
     registered: &Notify,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut conn) = config.connect(NoTls).await?;
+    let (client, mut conn) = config.connect(tls).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         while let Some(msg) = poll_fn(|cx| conn.poll_message(cx)).await {

@@ -173,6 +173,7 @@ impl Worker {
         let listener = w.client.listen_config().map(|config| {
             Listener::start(
                 config.clone(),
+                w.client.tls(),
                 w.name.clone(),
                 w.queues.clone(),
                 wake.clone(),
