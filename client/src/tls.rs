@@ -133,6 +133,23 @@ fn read_roots(path: &str) -> Result<RootCertStore> {
 /// key and value), in the URL form (`postgres://…?k=v&…`) or the `key=value`
 /// form.
 fn strip_options(conn: &str, mut take: impl FnMut(&str, &str) -> bool) -> String {
+    let mut took = false;
+    let mut take = |k: &str, v: &str| {
+        let t = take(k, v);
+        took |= t;
+        t
+    };
+    let rest = strip_each(conn, &mut take);
+    // unchanged unless an option was taken out (the key=value form is
+    // rebuilt with single spaces)
+    if took {
+        rest
+    } else {
+        conn.to_string()
+    }
+}
+
+fn strip_each(conn: &str, take: &mut impl FnMut(&str, &str) -> bool) -> String {
     if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
         let Some((base, query)) = conn.split_once('?') else {
             return conn.to_string();
@@ -270,6 +287,9 @@ mod tests {
         assert!(seen.contains(&("sslrootcert".into(), "/tmp/ca.pem".into())));
         let kv = strip_options("host=h sslmode=require dbname=db", |k, _| k == "sslmode");
         assert_eq!(kv, "host=h dbname=db");
+        // nothing taken: the string is left as it was, spaces in quotes too
+        let kept = "host=h password='a  b'";
+        assert_eq!(strip_options(kept, |k, _| k == "sslmode"), kept);
     }
 
     #[test]

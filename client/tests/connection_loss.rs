@@ -9,46 +9,15 @@
 
 mod common;
 
-use baton::{Client, EnqueueOptions, Worker};
-use common::{blocked_by, connect, define, eventually, unique, url};
+use baton::{EnqueueOptions, Worker};
+use common::workers::{client_named, shut, spawn};
+use common::{blocked_by, connect, define, eventually, unique};
 use rand::Rng;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
-
-/// A client whose connections carry `application_name`, to find them in
-/// pg_stat_activity.
-async fn client_named(app: &str) -> Client {
-    let base = url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Client::connect(&format!("{base}{sep}application_name={app}"))
-        .await
-        .expect("connect")
-}
-
-fn spawn(
-    worker: Worker,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<baton::Result<()>>,
-) {
-    let (tx, rx) = oneshot::channel();
-    let handle = tokio::spawn(worker.run_until(async {
-        let _ = rx.await;
-    }));
-    (tx, handle)
-}
-
-async fn shut(stop: oneshot::Sender<()>, handle: tokio::task::JoinHandle<baton::Result<()>>) {
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(60), handle)
-        .await
-        .expect("the worker stops")
-        .expect("no panic")
-        .expect("no error");
-}
 
 /// (attempt, lost attempts) of run `run`'s one step.
 async fn attempts(db: &tokio_postgres::Client, run: uuid::Uuid) -> (i32, i64) {

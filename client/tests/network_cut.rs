@@ -11,8 +11,9 @@
 
 mod common;
 
-use baton::{Client, EnqueueOptions, Worker};
-use common::{connect, define, unique, url};
+use baton::{EnqueueOptions, Worker};
+use common::workers::client_named;
+use common::{connect, define, unique};
 use serde_json::json;
 use std::process::Command;
 use std::sync::Arc;
@@ -86,11 +87,7 @@ async fn a_worker_cut_off_the_network_loses_its_lease_in_seconds() {
         return;
     }
     let app = unique("netcut");
-    let base = url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let c = Client::connect(&format!("{base}{sep}application_name={app}"))
-        .await
-        .unwrap();
+    let c = client_named(&app).await;
     let db = connect().await;
     let wf = unique("netcut");
     define(&db, &wf, &wf, json!([{"name": "s", "max_attempts": 3}])).await;

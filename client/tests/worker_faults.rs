@@ -9,6 +9,7 @@
 mod common;
 
 use baton::{Client, EnqueueOptions, Step, StepContext, Worker, WorkflowDef};
+use common::workers::{client_named, shut, spawn};
 use common::{blocked_by, eventually, unique, url};
 use serde_json::json;
 use std::collections::HashMap;
@@ -17,41 +18,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_postgres::IsolationLevel;
 
-/// A client whose connections carry `application_name`, to find them in
-/// pg_stat_activity.
-async fn client_named(app: &str) -> Client {
-    let base = url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Client::connect(&format!("{base}{sep}application_name={app}"))
-        .await
-        .expect("connect")
-}
-
 async fn client() -> Client {
     Client::connect(&url()).await.expect("connect")
-}
-
-/// Start `worker` in the background; the returned sender stops it.
-fn spawn(
-    worker: Worker,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<baton::Result<()>>,
-) {
-    let (tx, rx) = oneshot::channel();
-    let handle = tokio::spawn(worker.run_until(async {
-        let _ = rx.await;
-    }));
-    (tx, handle)
-}
-
-async fn shut(stop: oneshot::Sender<()>, handle: tokio::task::JoinHandle<baton::Result<()>>) {
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(60), handle)
-        .await
-        .expect("the worker stops")
-        .unwrap()
-        .unwrap();
 }
 
 /// A one-step workflow ("s") on a queue of its own: (workflow, queue).

@@ -53,33 +53,21 @@ pub fn worker(client: &Client, name: &str) -> Worker {
 }
 
 /// Workers running in this process until `stop` is called.
-pub struct Fleet(
-    Vec<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<baton::Result<()>>,
-    )>,
-);
+pub struct Fleet(Vec<super::workers::Running>);
 
 impl Fleet {
     pub fn start(client: &Client, names: &[&str]) -> Fleet {
         Fleet(
             names
                 .iter()
-                .map(|name| {
-                    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                    let handle = tokio::spawn(worker(client, name).run_until(async {
-                        let _ = rx.await;
-                    }));
-                    (tx, handle)
-                })
+                .map(|name| super::workers::spawn(worker(client, name)))
                 .collect(),
         )
     }
 
     pub async fn stop(self) {
         for (stop, handle) in self.0 {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(60), handle).await;
+            super::workers::shut(stop, handle).await;
         }
     }
 }

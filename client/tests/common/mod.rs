@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod ledger;
+pub mod workers;
 
 use futures_util::future::poll_fn;
 use std::time::Duration;
@@ -16,13 +17,7 @@ pub fn url() -> String {
 }
 
 pub async fn connect() -> Client {
-    let (client, conn) = tokio_postgres::connect(&url(), NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {} (run scripts/test): {e:?}", url()));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    connect_to(&url()).await
 }
 
 /// A connection whose NOTIFY messages arrive on the returned channel.
@@ -180,11 +175,11 @@ pub async fn blocked_by(db: &Client, holder: i32) -> Vec<i32> {
     .collect()
 }
 
-/// A connection to another server than the test cluster's.
+/// A connection to `url` (the test cluster's, or a private one's).
 pub async fn connect_to(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e:?}"));
+        .unwrap_or_else(|e| panic!("cannot connect to {url} (run scripts/test): {e:?}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
