@@ -11,7 +11,7 @@ mod common;
 
 use baton::{EnqueueOptions, Worker};
 use common::workers::{client_named, shut, spawn};
-use common::{blocked_by, connect, define, eventually, unique};
+use common::{blocked_by, connect, define, eventually, hold_open, ledger_not_once, unique};
 use rand::Rng;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,17 +65,8 @@ async fn a_claim_whose_connection_is_killed_loses_nothing() {
         .await
         .unwrap();
     // A claim sets its run running: it waits for this lock on the run row.
-    let locker = connect().await;
-    let holder: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute("SELECT FROM baton.runs WHERE id = $1 FOR UPDATE", &[&run])
-        .await
-        .unwrap();
+    let (locker, holder) =
+        hold_open("SELECT FROM baton.runs WHERE id = $1 FOR UPDATE", &[&run]).await;
     let worker = Worker::builder(&c)
         .queues([wf.clone()])
         .poll_interval(Duration::from_millis(200))
@@ -134,20 +125,11 @@ async fn a_heartbeat_whose_connection_is_killed_is_retried() {
         .unwrap();
     started.await.unwrap();
     // The next heartbeat renews the step's row: it waits for this lock.
-    let locker = connect().await;
-    let holder: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute(
-            "SELECT FROM baton.steps WHERE run_id = $1 FOR UPDATE",
-            &[&run],
-        )
-        .await
-        .unwrap();
+    let (locker, holder) = hold_open(
+        "SELECT FROM baton.steps WHERE run_id = $1 FOR UPDATE",
+        &[&run],
+    )
+    .await;
     let first = next_blocked(&db, holder, &[], "the heartbeat waits for the step row").await;
     db.execute("SELECT pg_terminate_backend($1)", &[&first])
         .await
@@ -285,18 +267,11 @@ async fn pooled_connections_killed_at_random_lose_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(failed, 0, "every run succeeded");
-    let wrong: i64 = db
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM unnest($1::uuid[]) r(id)
-                  WHERE (SELECT count(*) FROM {ledger} l WHERE l.run_id = r.id) <> 1"
-            ),
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(wrong, 0, "runs whose ledger row is missing or doubled");
+    assert_eq!(
+        ledger_not_once(&db, &ledger, &ids).await,
+        0,
+        "runs whose ledger row is missing or doubled"
+    );
     let row = db
         .query_one(
             "SELECT count(*) FILTER (WHERE a.error LIKE 'the session of worker%'),

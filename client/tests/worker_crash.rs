@@ -267,17 +267,7 @@ async fn workers_killed_at_random_lose_nothing() {
     assert_eq!(not_done, 0, "steps not succeeded");
 
     // The transactional step's side effect exists exactly once per run.
-    let ledger_wrong: i64 = db
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM unnest($1::uuid[]) r(id)
-                  WHERE (SELECT count(*) FROM {ledger} l WHERE l.run_id = r.id) <> 1"
-            ),
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ledger_wrong = common::ledger_not_once(&db, &ledger, &ids).await;
     assert_eq!(
         ledger_wrong, 0,
         "runs whose ledger row is missing or doubled"

@@ -125,18 +125,8 @@ struct RunLock {
 /// Take the run's lock in another session, open `gate` so that the handler
 /// finishes, and wait until the worker's report is blocked on the lock.
 async fn hold_run_lock(run: uuid::Uuid, gates: &Gates, gate: i64, what: &str) -> RunLock {
-    let locker = common::connect().await;
+    let (locker, holder) = common::hold_open("SELECT baton._lock_run($1)", &[&run]).await;
     let db = common::connect().await;
-    let holder: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .execute("SELECT baton._lock_run($1)", &[&run])
-        .await
-        .unwrap();
     gates.open(gate);
     assert!(
         eventually(Duration::from_secs(10), || async {

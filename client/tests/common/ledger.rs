@@ -145,15 +145,16 @@ pub async fn settle(db: &tokio_postgres::Client, ids: &[uuid::Uuid], within: Dur
 pub async fn outcome(db: &tokio_postgres::Client, ids: &[uuid::Uuid]) -> (i64, i64, i64) {
     let row = db
         .query_one(
-            &format!(
-                "SELECT count(*) FILTER (WHERE r.status <> 'succeeded'),
-                        count(*) FILTER (WHERE (SELECT count(*) FROM {LEDGER} l WHERE l.run_id = r.id) <> 1),
-                        (SELECT count(*) FROM baton.runs) - cardinality($1::uuid[])
-                   FROM baton.runs r WHERE r.id = ANY($1)"
-            ),
+            "SELECT count(*) FILTER (WHERE r.status <> 'succeeded'),
+                    (SELECT count(*) FROM baton.runs) - cardinality($1::uuid[])
+               FROM baton.runs r WHERE r.id = ANY($1)",
             &[&ids],
         )
         .await
         .unwrap();
-    (row.get(0), row.get(1), row.get(2))
+    (
+        row.get(0),
+        super::ledger_not_once(db, LEDGER, ids).await,
+        row.get(1),
+    )
 }

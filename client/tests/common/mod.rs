@@ -185,3 +185,35 @@ pub async fn connect_to(url: &str) -> Client {
     });
     client
 }
+
+/// Another session that runs `sql` (taking a lock) in a transaction it keeps
+/// open until it is sent COMMIT: the session, and its backend's pid.
+pub async fn hold_open(
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> (Client, i32) {
+    let locker = connect().await;
+    let holder: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker.execute(sql, params).await.unwrap();
+    (locker, holder)
+}
+
+/// How many of `ids` do not have exactly one row in the ledger `table`
+/// (a side effect written with its step's completion, no unique constraint).
+pub async fn ledger_not_once(db: &Client, table: &str, ids: &[uuid::Uuid]) -> i64 {
+    db.query_one(
+        &format!(
+            "SELECT count(*) FROM unnest($1::uuid[]) r(id)
+              WHERE (SELECT count(*) FROM {table} l WHERE l.run_id = r.id) <> 1"
+        ),
+        &[&ids],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
