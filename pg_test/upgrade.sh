@@ -12,7 +12,7 @@
 #       ready, retrying after a failure), then ALTER EXTENSION pg_baton UPDATE;
 #   baton_upgrade_new: CREATE EXTENSION pg_baton (the current version).
 # Checks that both have the same catalog (every function's definition and
-# settings, column, index, constraint, view and type of schema baton), that
+# settings, column, index, constraint, view, type and privilege of schema baton), that
 # the lease taken under OLD is still held (its token completes the step, a
 # stale one is refused with BT001), and that every run then finishes.
 set -euo pipefail
@@ -69,6 +69,15 @@ SELECT line FROM (
     UNION ALL
     SELECT format('relation %s kind %s options %s', c.relname, c.relkind, c.reloptions)
       FROM pg_class c WHERE c.relnamespace = 'baton'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+    UNION ALL
+    -- who may call and read what (sql/privileges.sql)
+    SELECT format('acl of function %s: %s', p.oid::regprocedure, p.proacl)
+      FROM pg_proc p WHERE p.pronamespace = 'baton'::regnamespace
+    UNION ALL
+    SELECT format('acl of relation %s: %s', c.relname, c.relacl)
+      FROM pg_class c WHERE c.relnamespace = 'baton'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+    UNION ALL
+    SELECT format('acl of schema baton: %s', n.nspacl) FROM pg_namespace n WHERE n.nspname = 'baton'
     UNION ALL
     SELECT 'index ' || pg_get_indexdef(i.indexrelid)
       FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'baton'::regnamespace

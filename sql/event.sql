@@ -87,7 +87,9 @@ BEGIN
     END IF;
     PERFORM baton._check_length(name, 'name');
     PERFORM baton._lock_run(workflow_id);
-    IF NOT EXISTS (SELECT FROM baton.runs r WHERE r.id = workflow_id) THEN
+    -- a client signals its own runs; a worker any (it sees every run it claims)
+    IF NOT EXISTS (SELECT FROM baton.runs r
+                    WHERE r.id = workflow_id AND (baton._visible(r.enqueued_by) OR baton._holds('worker'))) THEN
         RAISE EXCEPTION 'workflow run % does not exist', workflow_id USING ERRCODE = 'undefined_object';
     END IF;
 
@@ -134,5 +136,8 @@ LANGUAGE plpgsql STABLE AS $$
 BEGIN
     PERFORM baton._require(workflow_id, 'workflow_id');
     PERFORM baton._require(key, 'key');
-    RETURN (SELECT v.value FROM baton.event_values v WHERE v.run_id = workflow_id AND v.key = key);
+    -- another role's run has no values, for a client (sql/role.sql)
+    RETURN (SELECT v.value FROM baton.event_values v JOIN baton.runs r ON r.id = v.run_id
+             WHERE v.run_id = workflow_id AND v.key = key
+               AND (baton._visible(r.enqueued_by) OR baton._holds('worker')));
 END $$;

@@ -16,7 +16,8 @@ CREATE TABLE run_log (
     action  text        NOT NULL,
     step    text,
     detail  jsonb,
-    actor   text        NOT NULL DEFAULT current_user,
+    -- the calling role (inside the protocol's functions current_user is their owner)
+    actor   text        NOT NULL DEFAULT baton._invoker()::regrole::text,
     PRIMARY KEY (run_id, seq)
 );
 
@@ -35,7 +36,8 @@ DECLARE
 BEGIN
     PERFORM baton._require(id, 'id');
     SELECT * INTO r FROM baton.runs x WHERE x.id = id;
-    IF NOT FOUND THEN
+    -- a client's view of another role's run is none (sql/role.sql)
+    IF NOT FOUND OR NOT baton._visible(r.enqueued_by) THEN
         RAISE EXCEPTION 'workflow run % does not exist', id USING ERRCODE = 'undefined_object';
     END IF;
     RETURN r;
@@ -279,8 +281,9 @@ BEGIN
     END LOOP;
 
     due := baton._run_deadline(wf.definition, now(), NULL);
-    INSERT INTO baton.runs (id, workflow, version, queue, priority, input, forked_from, deadline)
-    VALUES (new_id, wf.name, wf.version, src.queue, src.priority, coalesce(input, src.input), src.id, due);
+    INSERT INTO baton.runs (id, workflow, version, queue, priority, input, forked_from, deadline, enqueued_by)
+    VALUES (new_id, wf.name, wf.version, src.queue, src.priority, coalesce(input, src.input), src.id, due,
+            src.enqueued_by);
     PERFORM baton._lock_run(new_id);
     -- the run's queue was chosen when it was enqueued: the same one
     PERFORM baton._create_steps(ARRAY[new_id], wf.definition,
@@ -378,7 +381,7 @@ BEGIN
         END IF;
     END LOOP;
     PERFORM baton._delete_runs(id || family);
-    RAISE LOG 'pg_baton: workflow run % (%) deleted by %, with % child runs', id, r.workflow, current_user,
+    RAISE LOG 'pg_baton: workflow run % (%) deleted by %, with % child runs', id, r.workflow, baton._invoker()::regrole,
         cardinality(family);
     RETURN true;
 END $$;

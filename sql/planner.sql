@@ -37,23 +37,3 @@ ALTER FUNCTION _fire_timers() SET jit = off SET max_parallel_workers_per_gather 
 -- steps_finished (sql/stats.sql), whatever the statistics say.
 ALTER FUNCTION _queue_stats() SET enable_seqscan = off SET jit = off SET max_parallel_workers_per_gather = 0
     SET plan_cache_mode = force_generic_plan;
-
--- Every entry point runs with a fixed search_path, so that a caller's (or
--- the database's) search_path cannot put its own functions, operators or
--- tables in place of the ones the protocol means: the public functions, the
--- background worker's rounds and what the views call. pg_temp comes last
--- (unlisted, it would be searched first for tables). The internal helpers
--- inherit the path from the entry point they run under, and stay inlinable
--- (a SET clause would stop that).
-DO $$
-DECLARE
-    f regprocedure;
-BEGIN
-    FOR f IN
-        SELECT p.oid FROM pg_proc p
-         WHERE p.pronamespace = 'baton'::regnamespace
-           AND (p.proname !~ '^_' OR p.proname IN ('_tick', '_fire_timers', '_queue_stats', '_session_alive'))
-    LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, baton, pg_temp', f);
-    END LOOP;
-END $$;

@@ -117,9 +117,12 @@ DECLARE
 BEGIN
     -- ON CONFLICT waits for a racing insert of the same key to commit or roll
     -- back, so two concurrent enqueues with one key create exactly one run.
-    INSERT INTO baton.runs (workflow, version, queue, priority, input, idempotency_key, parent_id, parent_step_no, deadline)
+    INSERT INTO baton.runs (workflow, version, queue, priority, input, idempotency_key, parent_id, parent_step_no, deadline,
+                            enqueued_by)
     VALUES (wf.name, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
-            coalesce(input, '{}'), idempotency_key, parent_id, parent_step_no, due)
+            coalesce(input, '{}'), idempotency_key, parent_id, parent_step_no, due,
+            CASE WHEN parent_id IS NULL THEN baton._invoker()
+                 ELSE (SELECT p.enqueued_by FROM baton.runs p WHERE p.id = parent_id) END)
     ON CONFLICT DO NOTHING
     RETURNING id INTO new_id;
 
@@ -183,9 +186,9 @@ BEGIN
     ids := ARRAY(SELECT baton._run_id() FROM generate_series(1, n));
     due := baton._run_deadline(wf.definition, start_at, deadline);
     WITH ins AS (
-        INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key, deadline)
+        INSERT INTO baton.runs (id, workflow, version, queue, priority, input, idempotency_key, deadline, enqueued_by)
         SELECT ids[i], workflow, wf.version, coalesce(queue, wf.definition ->> 'queue'), coalesce(priority, 0),
-               coalesce(inputs[i], '{}'), idempotency_keys[i], due
+               coalesce(inputs[i], '{}'), idempotency_keys[i], due, baton._invoker()
           FROM generate_series(1, n) AS i
          ORDER BY idempotency_keys[i], i
         ON CONFLICT DO NOTHING
@@ -295,7 +298,7 @@ DECLARE
 BEGIN
     PERFORM baton._require(id, 'id');
     PERFORM baton._lock_run(id);
-    SELECT r.status INTO current FROM baton.runs r WHERE r.id = id;
+    SELECT r.status INTO current FROM baton.runs r WHERE r.id = id AND baton._visible(r.enqueued_by);
     IF NOT FOUND THEN
         RAISE EXCEPTION 'workflow run % does not exist', id USING ERRCODE = 'undefined_object';
     END IF;

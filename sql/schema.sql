@@ -70,6 +70,9 @@ CREATE TABLE runs (
     deadline         timestamptz,
     -- a fork (sql/operation.sql): the run it was forked from
     forked_from      uuid,
+    -- the role that enqueued it (sql/role.sql): a client sees only its own
+    -- runs; a child run is its parent's, a fork its source's
+    enqueued_by      oid,
     FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
 ) WITH (fillfactor = 80);
 

@@ -1,15 +1,23 @@
 -- Read-only views for people and dashboards. States are shown as text.
+--
+-- A client sees only the runs it enqueued (sql/role.sql), an admin or a
+-- superuser every run: the views of runs filter by the calling role, and are
+-- security barriers, so that no function in a caller's WHERE clause sees the
+-- rows before the filter does. _sees_all() and _invoker() are evaluated once
+-- per query (each is an uncorrelated subquery).
 
-CREATE VIEW workflow_runs AS
+CREATE VIEW workflow_runs WITH (security_barrier) AS
 SELECT r.id, r.workflow, r.version, r.status::text AS status, r.queue, r.priority, r.input, r.output, r.error,
        r.idempotency_key, r.created_at, r.started_at, r.finished_at,
        r.parent_id,
        (SELECT p.name FROM baton.steps p WHERE p.run_id = r.parent_id AND p.step_no = r.parent_step_no) AS parent_step,
        r.deadline,
-       r.forked_from
-  FROM baton.runs r;
+       r.forked_from,
+       r.enqueued_by::regrole AS enqueued_by
+  FROM baton.runs r
+ WHERE (SELECT baton._sees_all()) OR r.enqueued_by = (SELECT baton._invoker());
 
-CREATE VIEW workflow_steps AS
+CREATE VIEW workflow_steps WITH (security_barrier) AS
 SELECT s.run_id AS workflow_id, s.name AS step, s.status::text AS status, s.attempt, s.max_attempts, s.queue, s.run_at,
        s.worker, s.lease_expires_at, s.output, s.error, s.started_at, s.finished_at,
        s.step_id,
@@ -18,21 +26,27 @@ SELECT s.run_id AS workflow_id, s.name AS step, s.status::text AS status, s.atte
        s.priority,
        s.kind::text AS kind, s.map_index, s.wait_for,
        CASE WHEN s.status = 'waiting' AND s.run_at < 'infinity' THEN s.run_at END AS wake_at
-  FROM baton.steps s;
+  FROM baton.steps s
+ WHERE (SELECT baton._sees_all())
+    OR EXISTS (SELECT FROM baton.runs r WHERE r.id = s.run_id AND r.enqueued_by = (SELECT baton._invoker()));
 
 -- Every attempt: those that did not succeed from the attempts table, and each
 -- succeeded step's last attempt from the step itself (see schema.sql). A
 -- step a fork copied (attempt 0) made no attempt in its run. The successes
 -- of steps run again (retry_from) are in the attempts table.
-CREATE VIEW step_attempts AS
+CREATE VIEW step_attempts WITH (security_barrier) AS
 SELECT a.run_id AS workflow_id, a.step, a.step_id, a.attempt, a.worker, a.started_at, a.finished_at,
        a.outcome::text AS outcome, a.error
   FROM baton.attempts a
+ WHERE (SELECT baton._sees_all())
+    OR EXISTS (SELECT FROM baton.runs r WHERE r.id = a.run_id AND r.enqueued_by = (SELECT baton._invoker()))
 UNION ALL
 SELECT s.run_id, s.name, s.step_id, s.attempt, s.worker, s.started_at, s.finished_at,
        'succeeded', NULL
   FROM baton.steps s
- WHERE s.status = 'succeeded' AND s.attempt > 0;
+ WHERE s.status = 'succeeded' AND s.attempt > 0
+   AND ((SELECT baton._sees_all())
+        OR EXISTS (SELECT FROM baton.runs r WHERE r.id = s.run_id AND r.enqueued_by = (SELECT baton._invoker())));
 
 -- Schedules (sql/schedule.sql): as schedule() took them, with their next
 -- tick and the last run they made.
@@ -50,9 +64,11 @@ SELECT w.name, w.version, w.definition, w.created_at,
   FROM baton.workflows w;
 
 -- What operations did to runs (sql/operation.sql), oldest first per run.
-CREATE VIEW workflow_log AS
+CREATE VIEW workflow_log WITH (security_barrier) AS
 SELECT l.run_id AS workflow_id, l.seq, l.at, l.action, l.step, l.detail, l.actor
-  FROM baton.run_log l;
+  FROM baton.run_log l
+ WHERE (SELECT baton._sees_all())
+    OR EXISTS (SELECT FROM baton.runs r WHERE r.id = l.run_id AND r.enqueued_by = (SELECT baton._invoker()));
 
 -- Per queue: its backlog, recent outcomes and settings (sql/stats.sql).
 CREATE VIEW queue_stats AS
@@ -72,3 +88,8 @@ SELECT n.worker AS name, n.queues, n.registered_at,
        SELECT coalesce(bool_or(w.gone_at IS NULL AND baton._session_alive(w.pid, w.backend_start)), false) AS alive,
               max(w.gone_at) AS gone_at
          FROM baton.worker_sessions w WHERE w.worker = n.worker) s;
+
+-- Which roles hold which kind (sql/role.sql), for admins.
+CREATE VIEW grants AS
+SELECT g.role::regrole AS role, g.kind, g.granted_at
+  FROM baton.role_grants g;

@@ -5,7 +5,7 @@
 //! validating workflow definitions (`definition`), cron arithmetic (`cron`), and
 //! the background worker that keeps time (`worker`, configured by `settings`,
 //! woken by backends through `latch`), and the rate limits' windows in shared
-//! memory (`rate`).
+//! memory (`rate`), and who is calling (`role`).
 
 use pgrx::prelude::*;
 
@@ -14,6 +14,7 @@ mod definition;
 mod ids;
 mod latch;
 mod rate;
+mod role;
 mod settings;
 mod worker;
 
@@ -79,11 +80,14 @@ extension_sql_file!("../sql/stats.sql", name = "stats", requires = ["operation"]
 extension_sql_file!("../sql/graph.sql", name = "graph", requires = ["stats"]);
 extension_sql_file!("../sql/worker.sql", name = "worker", requires = ["graph"]);
 extension_sql_file!(
-    "../sql/planner.sql",
-    name = "planner",
-    requires = ["worker"]
+    "../sql/role.sql",
+    name = "role",
+    requires = ["worker", role::invoker]
 );
-extension_sql_file!("../sql/views.sql", name = "views", finalize);
+extension_sql_file!("../sql/planner.sql", name = "planner", requires = ["role"]);
+extension_sql_file!("../sql/views.sql", name = "views", requires = ["planner"]);
+// last: who may call what, once every function and view exists
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
