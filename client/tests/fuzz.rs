@@ -362,6 +362,13 @@ fn value(rng: &mut StdRng, ty: &str, known: &Known) -> Option<String> {
         },
         "interval" => pick(rng, INTERVALS).into(),
         "boolean" => pick(rng, &["true", "false", "t", "maybe"]).into(),
+        // grant_* and revoke_*: roles that exist, that do not, and names
+        // that are not names
+        "regrole" => pick(
+            rng,
+            &["postgres", "pg_monitor", "no_such_role", "\"Odd Name\"", "", "a b", "public"],
+        )
+        .into(),
         other => panic!("no generator for type {other}: add one"),
     })
 }
