@@ -366,7 +366,15 @@ fn value(rng: &mut StdRng, ty: &str, known: &Known) -> Option<String> {
         // that are not names
         "regrole" => pick(
             rng,
-            &["postgres", "pg_monitor", "no_such_role", "\"Odd Name\"", "", "a b", "public"],
+            &[
+                "postgres",
+                "pg_monitor",
+                "no_such_role",
+                "\"Odd Name\"",
+                "",
+                "a b",
+                "public",
+            ],
         )
         .into(),
         other => panic!("no generator for type {other}: add one"),
